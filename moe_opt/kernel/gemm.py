@@ -1,0 +1,174 @@
+"""Steps 2 and 4 of the fused MoE: one grouped GEMM over the expert-sorted token slots.
+
+The algorithm and the meaning of the six tunables are those of SGLang's and vLLM's ``fused_moe_kernel``, so a
+config tuned here is valid there: each program computes one BLOCK_SIZE_M x BLOCK_SIZE_N tile of C for the
+slots of one BLOCK_SIZE_M block of ``sorted_token_ids`` (all routed to one expert), stepping through K by
+BLOCK_SIZE_K; programs are ordered in groups of GROUP_SIZE_M rows of tiles for L2 reuse; num_warps and
+num_stages go to the Triton launch.
+
+    C[slot, :] = A[slot // top_k, :] @ B[expert(slot)].T  (* routed weight of the slot, for the down GEMM)
+
+Quantization (QUANT): 0 = bf16/fp16 operands; 1 = fp8_w8a8 with per-tensor scales (one for A, one per expert
+for B); 2 = fp8_w8a8 block-wise: B scales per (expert, group_n rows, group_k cols) block, A scales per
+(token, group_k cols) group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..space import Config
+from .align import AlignedSlots
+from .interpret import interpreting, round_for_cast, round_mode
+
+QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK = 0, 1, 2
+
+
+@triton.jit
+def fused_moe_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr,
+    sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    N, K, EM, num_valid_tokens,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+    group_n: tl.constexpr, group_k: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
+    QUANT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INTERP_ROUND: tl.constexpr,
+):
+    # Grouped ordering of the (M blocks x N blocks) tiles, as in Triton's matmul tutorial.
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+        return
+    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+    offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+    token_mask = offs_token < num_valid_tokens
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    c_ptrs = c_ptr + stride_cm * offs_token[:, None] + stride_cn * offs_cn[None, :]
+    c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
+
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:
+        # Expert-parallel: this expert lives on another rank; its slots contribute zero.
+        tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=compute_type), mask=c_mask)
+        return
+
+    # Columns past N wrap around to valid addresses; their results are masked at the store.
+    offs_bn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N).to(tl.int64)) % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + (offs_token[:, None] // top_k * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+
+    if QUANT == 1:
+        a_scale = tl.load(a_scale_ptr)
+        b_scale = tl.load(b_scale_ptr + expert)
+    if QUANT == 2:
+        a_scale_ptrs = a_scale_ptr + (offs_token // top_k) * stride_asm
+        if BLOCK_SIZE_N > group_n:
+            offs_bsn = offs_bn // group_n
+        else:
+            offs_bsn = pid_n * BLOCK_SIZE_N // group_n  # the whole tile shares one scale row
+        b_scale_ptrs = b_scale_ptr + expert * stride_bse + offs_bsn * stride_bsn
+
+    if SWAP_AB:
+        accumulator = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
+    else:
+        accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+
+    for k_start in range(0, K, BLOCK_SIZE_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k_start, other=0.0)
+        if UPCAST_DOT:
+            # Only under TRITON_INTERPRET=1 (interpret.py says why); the GPU never compiles this branch.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if QUANT == 2:
+            a_s = tl.load(a_scale_ptrs + (k_start // group_k) * stride_ask, mask=token_mask, other=0.0)
+            b_s = tl.load(b_scale_ptrs + (k_start // group_k) * stride_bsk)
+            if SWAP_AB:
+                # SGLang's swap_ab: for small BLOCK_SIZE_M the transposed product fills Hopper's wgmma better.
+                partial = tl.dot(tl.trans(b, (1, 0)), tl.trans(a, (1, 0)))
+                if BLOCK_SIZE_N > group_n:
+                    accumulator += partial * b_s[:, None] * a_s[None, :]
+                else:
+                    accumulator += partial * (b_s * a_s[None, :])
+            else:
+                if BLOCK_SIZE_N > group_n:
+                    accumulator += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                else:
+                    accumulator += tl.dot(a, b) * (a_s[:, None] * b_s)
+        elif SWAP_AB:
+            accumulator = tl.dot(tl.trans(b, (1, 0)), tl.trans(a, (1, 0)), acc=accumulator)
+        else:
+            accumulator = tl.dot(a, b, acc=accumulator)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+
+    if SWAP_AB:
+        accumulator = tl.trans(accumulator, (1, 0))
+    if QUANT == 1:
+        accumulator = accumulator * (a_scale * b_scale)
+    if MUL_ROUTED_WEIGHT:
+        routed_weight = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
+        accumulator = accumulator * routed_weight[:, None]
+    tl.store(c_ptrs, round_for_cast(accumulator, INTERP_ROUND).to(compute_type), mask=c_mask)
+
+
+def use_swap_ab(config: Config, quant: int, device: torch.device) -> bool:
+    """SGLang's rule: swap A and B for fp8 with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 on Hopper (sm_90)."""
+    if quant == QUANT_NONE or config.BLOCK_SIZE_M >= 64 or config.BLOCK_SIZE_N < 64:
+        return False
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor | None,
+                            b_scale: torch.Tensor | None, topk_weights: torch.Tensor | None,
+                            aligned: AlignedSlots, top_k: int, config: Config, *, compute_type: torch.dtype,
+                            quant: int, block_shape: tuple[int, int] | None, mul_routed_weight: bool) -> None:
+    """Launch fused_moe_kernel: C (M*topk, N) = per-slot A @ B[expert].T with B of shape (E, N, K)."""
+    sorted_token_ids, expert_ids, num_tokens_post_padded = aligned
+    E, N, K = b.shape
+    EM = sorted_token_ids.shape[0]  # an upper bound; programs past num_tokens_post_padded return at once
+    grid = (triton.cdiv(EM, config.BLOCK_SIZE_M) * triton.cdiv(N, config.BLOCK_SIZE_N),)
+    group_n, group_k = block_shape if quant == QUANT_BLOCK else (0, 0)
+    if quant == QUANT_BLOCK:
+        stride_asm, stride_ask = a_scale.stride()
+        stride_bse, stride_bsn, stride_bsk = b_scale.stride()
+    else:
+        stride_asm = stride_ask = stride_bse = stride_bsn = stride_bsk = 0
+    upcast = interpreting() and a.dtype == torch.bfloat16
+    triton_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[compute_type]
+    fused_moe_kernel[grid](
+        a, b, c, a_scale, b_scale, topk_weights,
+        sorted_token_ids, expert_ids, num_tokens_post_padded,
+        N, K, EM, a.shape[0] * top_k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+        group_n=group_n, group_k=group_k,
+        BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N, BLOCK_SIZE_K=config.BLOCK_SIZE_K,
+        GROUP_SIZE_M=config.GROUP_SIZE_M,
+        MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=triton_dtype,
+        QUANT=quant, EVEN_K=K % config.BLOCK_SIZE_K == 0, SWAP_AB=use_swap_ab(config, quant, a.device),
+        UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

@@ -1,0 +1,146 @@
+"""The search space: the six launch parameters of the fused-MoE kernel, their ranges and constraints.
+
+A :class:`Config` is one point of the space. Its field names are the exact JSON keys that SGLang and vLLM
+read from their tuned-config files, so ``config.to_dict()`` can be written into such a file unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Mapping, Sequence
+
+# SGLang's tuning space (benchmark/kernels/fused_moe_triton/common_utils.py, get_configs_compute_bound):
+# 5 * 4 * 3 * 4 * 2 * 4 = 1,920 points. vLLM's benchmark_moe.py uses the same lists on CUDA.
+BLOCK_SIZE_M_CHOICES = (16, 32, 64, 128, 256)
+BLOCK_SIZE_N_CHOICES = (32, 64, 128, 256)
+BLOCK_SIZE_K_CHOICES = (64, 128, 256)
+GROUP_SIZE_M_CHOICES = (1, 16, 32, 64)
+NUM_WARPS_CHOICES = (4, 8)
+NUM_STAGES_CHOICES = (2, 3, 4, 5)
+
+PARAM_NAMES = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+# SGLang's default batch sizes for tuning (tuning_fused_moe_triton.py).
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+
+# Hopper (sm_90) allows 227 KiB of shared memory per block (CUDA C Programming Guide, compute capabilities).
+H100_SHARED_MEMORY_BYTES = 232_448
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """One launch configuration of the fused-MoE kernel (both GEMMs use it, as in SGLang's tuner).
+
+    Example:
+        >>> c = Config(64, 128, 128, 32, 4, 3)
+        >>> c.to_dict()["BLOCK_SIZE_N"]
+        128
+        >>> Config.from_dict(c.to_dict()) == c
+        True
+    """
+
+    BLOCK_SIZE_M: int
+    BLOCK_SIZE_N: int
+    BLOCK_SIZE_K: int
+    GROUP_SIZE_M: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Config.{f.name} must be a positive integer, got {value!r}")
+        for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"Config.{name} must be a power of two >= 16 (tl.dot needs it), got {value}")
+
+    def to_dict(self) -> dict[str, int]:
+        """The config as SGLang/vLLM store it: the six keys, in their order."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> "Config":
+        """Build a Config from a tuned-config entry; keys beyond the six are ignored, missing ones are an error.
+
+        SGLang's defaults omit num_warps/num_stages for bf16 (its kernel launch falls back to Triton's 4 and 3),
+        so those two are optional here with the same fallback.
+        """
+        missing = [k for k in PARAM_NAMES[:4] if k not in d]
+        if missing:
+            raise ValueError(f"config {dict(d)!r} lacks {', '.join(missing)}; a config needs {', '.join(PARAM_NAMES)}")
+        return cls(**{k: int(d[k]) for k in PARAM_NAMES if k in d})  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return (f"M{self.BLOCK_SIZE_M} N{self.BLOCK_SIZE_N} K{self.BLOCK_SIZE_K} "
+                f"G{self.GROUP_SIZE_M} w{self.num_warps} s{self.num_stages}")
+
+
+def as_config(config: Config | Mapping[str, object]) -> Config:
+    """Accept a Config or a dict with the six keys."""
+    return config if isinstance(config, Config) else Config.from_dict(config)
+
+
+def grid(block_k: int | None = None) -> list[Config]:
+    """Every config of SGLang's space, in a fixed order; with ``block_k`` only BLOCK_SIZE_K dividing it.
+
+    SGLang and vLLM keep, for block-quantized weights, only BLOCK_SIZE_K with ``block_k % BLOCK_SIZE_K == 0``,
+    because the kernel reads one weight scale per K step.
+
+    Example:
+        >>> len(grid()), len(grid(block_k=128))
+        (1920, 1280)
+    """
+    ks = [k for k in BLOCK_SIZE_K_CHOICES if block_k is None or block_k % k == 0]
+    return [Config(*p) for p in itertools.product(
+        BLOCK_SIZE_M_CHOICES, BLOCK_SIZE_N_CHOICES, ks, GROUP_SIZE_M_CHOICES, NUM_WARPS_CHOICES,
+        NUM_STAGES_CHOICES)]
+
+
+def iter_choices(block_k: int | None = None) -> Iterator[tuple[str, Sequence[int]]]:
+    """(name, allowed values) for each tunable, with the block-quantization rule applied to BLOCK_SIZE_K."""
+    yield "BLOCK_SIZE_M", BLOCK_SIZE_M_CHOICES
+    yield "BLOCK_SIZE_N", BLOCK_SIZE_N_CHOICES
+    yield "BLOCK_SIZE_K", tuple(k for k in BLOCK_SIZE_K_CHOICES if block_k is None or block_k % k == 0)
+    yield "GROUP_SIZE_M", GROUP_SIZE_M_CHOICES
+    yield "num_warps", NUM_WARPS_CHOICES
+    yield "num_stages", NUM_STAGES_CHOICES
+
+
+def shared_memory_bytes(config: Config, a_bytes: int, b_bytes: int) -> int:
+    """A lower bound of the shared memory a config's GEMM needs: one A and one B tile per pipeline stage.
+
+    Triton's software pipeliner keeps ``num_stages`` copies of the A (BLOCK_SIZE_M x BLOCK_SIZE_K) and
+    B (BLOCK_SIZE_K x BLOCK_SIZE_N) tiles in flight. The real figure can be higher (epilogue layout
+    conversions), never lower, so rejecting on this estimate never drops a config that would have fit.
+    """
+    c = config
+    return c.num_stages * (c.BLOCK_SIZE_M * c.BLOCK_SIZE_K * a_bytes + c.BLOCK_SIZE_K * c.BLOCK_SIZE_N * b_bytes)
+
+
+def fits_shared_memory(config: Config, a_bytes: int, b_bytes: int,
+                       limit_bytes: int = H100_SHARED_MEMORY_BYTES) -> bool:
+    """Whether the config's tiles can fit the device's per-block shared memory (see shared_memory_bytes)."""
+    return shared_memory_bytes(config, a_bytes, b_bytes) <= limit_bytes
+
+
+def default_config(M: int, E: int, dtype: str | None, block_shape: Sequence[int] | None = None) -> Config:
+    """SGLang's fallback config when no tuned file exists (fused_moe_triton_config.py, get_default_config).
+
+    Example:
+        >>> str(default_config(64, 256, "fp8_w8a8", [128, 128]))
+        'M64 N128 K128 G32 w4 s3'
+    """
+    if dtype == "fp8_w8a8":
+        if block_shape is None:
+            if M <= E:
+                return Config(64, 128, 128, 1, 4, 4)
+            return Config(128, 256, 128, 32, 8, 4)
+        # SGLang: BLOCK_SIZE_N = block_n and BLOCK_SIZE_K = block_k, so the kernel reads one scale per tile.
+        return Config(64, int(block_shape[0]), int(block_shape[1]), 32, 4, 3)
+    if M <= E:
+        return Config(16, 32, 64, 1, 4, 3)
+    # SGLang gives BLOCK_SIZE_K 32 and GROUP_SIZE_M 8 here; both lie outside the tuning grid but are valid.
+    return Config(64, 64, 32, 8, 4, 3)
