@@ -18,10 +18,15 @@ from moe_opt.kernel.reference import swiglu_reference
 
 pytestmark = pytest.mark.cuda
 
-# Relative Frobenius error bounds. fp16/bf16 measured on the interpreter ~3e-4 / ~2.5e-3 (outputs and
-# intermediates rounded to 11 / 8 mantissa bits); fp8 paths emulate activation quantization in the reference,
-# leaving rare rounding flips, measured ~2.5e-3.
-TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "fp8_tensor": 2e-2, "fp8_block": 2e-2}
+# Relative Frobenius error bounds. fp16/bf16: outputs and intermediates rounded to 11 / 8 mantissa bits;
+# measured worst 3.4e-4 / 2.7e-3 over the full matrix on an H200 (Triton 3.6), the same on the interpreter.
+# fp8: the reference quantizes activations like the kernel, but a GEMM1 value that lands on the other side of a
+# bf16 or fp8 rounding boundary moves a whole fp8 step (6-12%); for one or three tokens a handful of such flips
+# is the whole error. Measured on the H200: median 2.6e-3 (per tensor) and 6.4e-3 (block), worst 3.2e-2 and
+# 2.9e-2 at M = 1..3; on the interpreter ~2.5e-3. A wrong scale or index gives errors of order 1.
+TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "fp8_tensor": 6e-2, "fp8_block": 6e-2}
+# The median over the full GPU matrix must stay far below the per-case bound.
+MEDIAN_TOLERANCE = {"fp16": 1e-3, "bf16": 5e-3, "fp8_tensor": 1e-2, "fp8_block": 1e-2}
 
 CFG_SMALL = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=2)
 CFG_MID = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=16, num_warps=4, num_stages=3)
@@ -62,14 +67,19 @@ def make_case(dtype_path: str, M: int, topk: int, swiglu_limit: float | None, de
     return (x.to(device), w1.to(device), w2.to(device), topk_weights.to(device), topk_ids.to(device)), kwargs
 
 
-def check(dtype_path, inputs, kwargs, config):
+def relative_error(inputs, kwargs, config):
+    """(relative Frobenius error, reference); fails if any output element was left unwritten (NaN)."""
     x = inputs[0]
     out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype, device=x.device)
     fused_moe(*inputs, config, out=out, **kwargs)
     ref = fused_moe_reference(*inputs, **kwargs)
     got = out.double().cpu()
     assert not got.isnan().any(), "some output elements were never written"
-    err = ((got - ref).norm() / ref.norm()).item()
+    return ((got - ref).norm() / ref.norm()).item(), ref
+
+
+def check(dtype_path, inputs, kwargs, config):
+    err, ref = relative_error(inputs, kwargs, config)
     assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e} >= {TOLERANCE[dtype_path]}"
     return ref
 
@@ -98,9 +108,16 @@ def test_matches_float64_reference(dtype_path, M, topk, swiglu_limit, config, de
 @pytest.mark.parametrize("dtype_path", list(TOLERANCE))
 def test_full_matrix_on_gpu(dtype_path, device):
     """Every combination of M, topk, limit and config (too slow for the interpreter; the CASES cover it there)."""
+    errors = {}
     for M, topk, limit, config in itertools.product((1, 3, 17, 64), (1, 2, 6, 8), (None, SWIGLU_LIMIT), CONFIGS):
         inputs, kwargs = make_case(dtype_path, M, topk, limit, device)
-        check(dtype_path, inputs, kwargs, CONFIGS[config])
+        errors[(M, topk, limit, config)] = relative_error(inputs, kwargs, CONFIGS[config])[0]
+    worst = max(errors, key=errors.get)
+    median = sorted(errors.values())[len(errors) // 2]
+    print(f"{dtype_path}: median error {median:.2e}, worst {errors[worst]:.2e} at (M, topk, swiglu_limit, "
+          f"config) = {worst}")
+    assert errors[worst] < TOLERANCE[dtype_path], f"error {errors[worst]:.2e} at {worst}"
+    assert median < MEDIAN_TOLERANCE[dtype_path]
 
 
 def test_swiglu_limit_fires_and_changes_the_result(device):

@@ -25,7 +25,8 @@ class AlignedSlots(NamedTuple):
     num_tokens_post_padded: torch.Tensor  # (1,) int32, length of the used prefix of sorted_token_ids
 
 
-@triton.jit
+# Batch-size-dependent arguments are not specialized on, so each kernel compiles once per BLOCK_SIZE_M.
+@triton.jit(do_not_specialize=["numel"])
 def _count_kernel(topk_ids_ptr, counts_ptr, ranks_ptr, numel, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -36,7 +37,7 @@ def _count_kernel(topk_ids_ptr, counts_ptr, ranks_ptr, numel, num_experts, BLOCK
     tl.store(ranks_ptr + offs, rank, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_num_blocks", "max_num_tokens_padded", "sentinel"])
 def _offsets_kernel(counts_ptr, offsets_ptr, expert_ids_ptr, num_tokens_post_padded_ptr, sorted_token_ids_ptr,
                     num_experts, max_num_blocks, max_num_tokens_padded, sentinel,
                     BLOCK_SIZE_M: tl.constexpr, BUCKETS: tl.constexpr, CHUNK: tl.constexpr):
@@ -60,7 +61,7 @@ def _offsets_kernel(counts_ptr, offsets_ptr, expert_ids_ptr, num_tokens_post_pad
                  mask=pos < max_num_tokens_padded)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _scatter_kernel(topk_ids_ptr, ranks_ptr, offsets_ptr, sorted_token_ids_ptr, numel, num_experts,
                     BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

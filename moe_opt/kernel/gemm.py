@@ -26,7 +26,9 @@ from .interpret import interpreting, round_for_cast, round_mode
 QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK = 0, 1, 2
 
 
-@triton.jit
+# EM and num_valid_tokens change with the batch size; not specializing on them keeps one binary per config for
+# every batch size, so a config compiled once (or by a compile worker) serves all of them.
+@triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def fused_moe_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
