@@ -1,13 +1,25 @@
 """moe_opt: find the fastest launch config of the Triton fused-MoE kernel with Optuna, resumably.
 
-The public API, re-exported here; heavy dependencies (transformers, plotly, optuna-dashboard) load where used.
+The public API is re-exported here; heavy dependencies (transformers, plotly, optuna-dashboard) load where used.
+
+Without a CUDA GPU, Triton can only run kernels through its CPU interpreter, which must be chosen before the
+kernels are defined; importing moe_opt on such a machine therefore sets TRITON_INTERPRET=1 unless it is set.
 """
 
-from .errors import ConfigError, MoeOptError, SpecError, TuneError
-from .kernel import fused_moe
-from .space import Config, default_config
-from .spec import ModelSpec
+import os as _os
 
-__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "default_config",
-           "fused_moe"]
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .errors import ConfigError, MoeOptError, SpecError, TuneError  # noqa: E402
+from .kernel import fused_moe  # noqa: E402
+from .models import resolve_model  # noqa: E402
+from .space import Config, default_config  # noqa: E402
+from .spec import ModelSpec  # noqa: E402
+from .tuner import TuneResult, tune  # noqa: E402
+
+__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "TuneResult",
+           "default_config", "fused_moe", "resolve_model", "tune"]
 __version__ = "0.1.0"

@@ -65,6 +65,16 @@ class ReplayTable:
         self.description = f"replay of {self.path.name}"
         self.device_name = f"replay:{self.path.stem}"
 
+    def metadata(self) -> dict:
+        """The JSON sidecar written by the recorder (``<table>.csv.json``: spec, device, versions), or {}."""
+        import json
+
+        sidecar = Path(str(self.path) + ".json")
+        try:
+            return json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
     @property
     def batch_sizes(self) -> list[int]:
         return sorted(self.entries)

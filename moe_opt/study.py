@@ -1,0 +1,152 @@
+"""Studies and storage: one Optuna study per batch size, named so that the same tune resumes the same studies.
+
+A study's name is derived from everything that changes the measurement (shape, dtype, block shape,
+swiglu_limit, device, Triton version, batch size); its user attributes repeat those facts so the study explains
+itself in optuna-dashboard and so ``moe-opt export STORAGE`` can rebuild config files from storage alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .errors import TuneError
+from .spec import ModelSpec
+
+STUDY_PREFIX = "moe"
+# A trial's user attribute "error" holds why a config failed; these prefixes mean it failed to compile, which
+# does not depend on the batch size.
+COMPILE_FAILURES = ("OutOfResources", "CompilationError", "Rejected", "CompileTimeAssertionFailure")
+
+
+def shape_key(spec: ModelSpec | None, table_name: str | None = None) -> str:
+    """The shape part of a study name, e.g. ``E=256,N=256,K=4096,topk=6,fp8_w8a8,block=[128,128],swiglu_limit=10``."""
+    if spec is None:
+        return f"table={table_name}"
+    parts = [f"E={spec.E}", f"N={spec.N}", f"K={spec.K}", f"topk={spec.topk}", spec.dtype or spec.torch_dtype]
+    if spec.block_shape:
+        parts.append(f"block=[{spec.block_shape[0]},{spec.block_shape[1]}]")
+    if spec.swiglu_limit is not None:
+        parts.append(f"swiglu_limit={spec.swiglu_limit:g}")
+    return ",".join(parts)
+
+
+def study_base_name(spec: ModelSpec | None, device_name: str, triton_version: str,
+                    table_name: str | None = None) -> str:
+    """Everything but the batch size: shape, device, Triton version."""
+    return f"{STUDY_PREFIX}|{shape_key(spec, table_name)}|{device_name.replace(' ', '_')}|triton={triton_version}"
+
+
+def study_name(base: str, M: int) -> str:
+    """``<base>|M=<M>``: readable in the dashboard and sorted by shape, then device, then batch size."""
+    return f"{base}|M={M}"
+
+
+def default_storage(spec: ModelSpec | None, table_name: str | None = None) -> str:
+    slug = spec.slug() if spec is not None else f"replay_{table_name}"
+    return f"sqlite:///studies/{slug}.db"
+
+
+def _check_sqlite_path(url: str) -> None:
+    path = url[len("sqlite:///"):]
+    if not path or path == ":memory:":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise TuneError(f"storage {url}: {p} is a directory; give a file path such as sqlite:///studies/x.db")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuneError(f"storage {url}: cannot create directory {p.parent}: {exc.strerror}") from None
+    if p.exists():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise TuneError(f"storage {url}: cannot read {p}: {exc.strerror}") from None
+        if head and head != b"SQLite format 3\x00":
+            raise TuneError(f"storage {url}: {p} is not an SQLite database; give a new or existing .db file")
+        if not os.access(p, os.W_OK):
+            raise TuneError(f"storage {url}: {p} is read-only; studies need a writable database")
+    elif not os.access(p.parent, os.W_OK):
+        raise TuneError(f"storage {url}: directory {p.parent} is read-only; choose a writable location")
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL (sqlite:///..., postgresql://..., journal:PATH) or a storage object.
+
+    ``journal:PATH`` (or a path ending in .journal/.log) is Optuna's JournalStorage on a file, the choice for
+    several processes on one host; SQLite suits one process; an RDB URL such as PostgreSQL serves many hosts.
+    """
+    if storage is None:
+        raise TuneError("no storage given; use e.g. sqlite:///studies/model.db")
+    if not isinstance(storage, str):
+        return storage
+    url = storage
+    if url.startswith("journal:") or url.endswith((".journal", ".log")):
+        path = url[len("journal:"):] if url.startswith("journal:") else url
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        try:
+            return JournalStorage(JournalFileBackend(path))
+        except OSError as exc:
+            raise TuneError(f"storage {url}: cannot open journal file: {exc.strerror or exc}") from None
+    if "://" not in url:
+        raise TuneError(f"storage {url!r} is not a storage URL; accepted: sqlite:///PATH.db, journal:PATH, "
+                        "postgresql://user@host/db or any SQLAlchemy URL Optuna accepts")
+    if url.startswith("sqlite:///"):
+        _check_sqlite_path(url)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (sqlite3.DatabaseError, Exception) as exc:  # SQLAlchemy raises many types; all mean "unusable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneError(f"storage {url} cannot be opened: {first[:300]}") from None
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What a moe_opt study says about itself (its user attributes)."""
+
+    name: str
+    base: str
+    M: int
+    spec: ModelSpec | None
+    device_name: str
+    triton_version: str
+    is_performance: bool
+    attrs: dict[str, Any]
+
+
+def study_attrs(base: str, M: int, spec: ModelSpec | None, device_name: str, triton_version: str,
+                torch_version: str, measurer_description: str, is_performance: bool) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "moe_opt_base": base, "M": M, "device_name": device_name, "triton_version": triton_version,
+        "torch_version": torch_version, "measurement": measurer_description, "is_performance": is_performance,
+    }
+    if spec is not None:
+        attrs["spec"] = spec.to_dict()
+        attrs.update(model=spec.model, E=spec.E, N=spec.N, K=spec.K, topk=spec.topk,
+                     dtype=spec.dtype or spec.torch_dtype,
+                     block_shape=list(spec.block_shape) if spec.block_shape else None,
+                     swiglu_limit=spec.swiglu_limit)
+    return attrs
+
+
+def list_moe_studies(storage: optuna.storages.BaseStorage) -> list[StudyInfo]:
+    """Every moe_opt study in a storage, sorted by base name then batch size."""
+    infos = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        attrs = summary.user_attrs
+        if "moe_opt_base" not in attrs:
+            continue
+        spec = ModelSpec.from_dict(attrs["spec"]) if attrs.get("spec") else None
+        infos.append(StudyInfo(summary.study_name, attrs["moe_opt_base"], int(attrs["M"]), spec,
+                               attrs.get("device_name", "unknown"), attrs.get("triton_version", "unknown"),
+                               bool(attrs.get("is_performance", False)), dict(attrs)))
+    return sorted(infos, key=lambda i: (i.base, i.M))

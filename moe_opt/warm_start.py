@@ -1,0 +1,56 @@
+"""Warm start: configs worth measuring first, enqueued into each batch size's study before the sampler runs.
+
+In order: SGLang's default config for the batch size (also the baseline of the speedup), the configs of
+existing tuned files for the same shape and device (SGLang or vLLM JSON), and the best configs already
+measured at the nearest batch sizes (from earlier, resumed runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import optuna
+
+from .search import SearchState
+from .space import Config
+from .spec import ModelSpec
+
+NEAREST_BEST = 2  # best configs taken from each of the nearest already-tuned batch sizes
+
+
+def _nearest(M: int, tuned: Sequence[int]) -> list[int]:
+    return sorted((m for m in tuned if m != M), key=lambda m: abs((m / M) - 1) if m > M else abs((M / m) - 1))[:2]
+
+
+def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, defaults: dict[int, Config],
+                       spec: ModelSpec | None, device_name: str, config_dirs: Sequence[str | Path]) -> None:
+    """Enqueue warm-start configs into studies that have not measured them yet."""
+    existing: dict[int, Config] = {}
+    if spec is not None and config_dirs:
+        from .export import find_tuned_config_files, load_tuned_configs
+        from .errors import TuneError
+
+        for path in find_tuned_config_files(spec, device_name, [Path(d) for d in config_dirs]):
+            try:
+                for M, config in load_tuned_configs(path).items():
+                    existing.setdefault(M, config)
+            except TuneError as exc:
+                print(f"moe-opt: ignoring tuned config file {path}: {exc}")
+    tuned = [m for m, results in state.measured.items() if results]
+    allowed = set(state.candidates)
+    for M, study in studies.items():
+        seeds = [defaults[M]]
+        if existing:
+            nearest_file_m = min(existing, key=lambda m: abs(m - M))
+            seeds.append(existing[nearest_file_m])
+        for m in _nearest(M, tuned):
+            seeds += sorted(state.measured[m], key=state.measured[m].get)[:NEAREST_BEST]
+        tried = state.tried(M)
+        queued = set()
+        for config in seeds:
+            # Configs outside the search space (SGLang's bf16 default has BLOCK_SIZE_K 32) can't be trials.
+            if config in tried or config in queued or config not in allowed:
+                continue
+            study.enqueue_trial(config.to_dict(), user_attrs={"warm_start": True}, skip_if_exists=True)
+            queued.add(config)
