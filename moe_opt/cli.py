@@ -24,6 +24,52 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sizes(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .spec import ModelSpec
+    from .tuner import tune
+
+    spec = None
+    if args.shape:
+        spec = _shape_spec(args)
+    result = tune(args.model, spec=spec, tp_size=args.tp, ep_size=args.ep, dtype=args.dtype,
+                  swiglu_limit=args.swiglu_limit, batch_sizes=_batch_sizes(args.batch_sizes) or None,
+                  n_trials=args.n_trials, timeout_s=args.timeout, storage=args.storage, sampler=args.sampler,
+                  seed=args.seed, output_dir=None if args.no_export else args.output_dir,
+                  warm_start=not args.no_warm_start, tuned_config_dirs=args.tuned_config_dir,
+                  device=args.device, replay=args.replay, compile_workers=args.compile_workers,
+                  progress=True)
+    return 130 if result.interrupted else 0
+
+
+def _shape_spec(args: argparse.Namespace):
+    from .errors import SpecError
+    from .spec import ModelSpec
+
+    try:
+        fields = dict(item.split("=", 1) for item in args.shape.split(","))
+        ints = {k: int(fields.pop(k)) for k in ("E", "topk", "K", "intermediate")}
+    except (ValueError, KeyError):
+        raise SpecError(f"--shape {args.shape!r} must be E=..,topk=..,K=..,intermediate=..[,dtype=fp8_w8a8]"
+                        "[,block=128x128]") from None
+    block = fields.get("block")
+    return ModelSpec.from_shape(num_experts=ints["E"], topk=ints["topk"], hidden_size=ints["K"],
+                                intermediate_size=ints["intermediate"], dtype=fields.get("dtype") or args.dtype,
+                                block_shape=[int(v) for v in block.split("x")] if block else None,
+                                tp_size=args.tp, ep_size=args.ep, swiglu_limit=args.swiglu_limit)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export_storage import export_storage
+
+    for path in export_storage(args.storage, args.output_dir):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-opt",
@@ -44,6 +90,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not fuse the shared expert into E/topk (SGLang fuses it for DeepSeek-V3-style models)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_resolve)
+
+    p = sub.add_parser("tune", help="tune a model's fused-MoE configs and export SGLang/vLLM config files",
+                       description="Run one resumable Optuna study per batch size against the timed fused-MoE "
+                                   "kernel, then write config files. Re-running the same command resumes. Ctrl-C "
+                                   "stops after the running trial and keeps everything. Without a GPU it runs "
+                                   "Triton's CPU interpreter on a scaled-down shape (timings are not performance "
+                                   "numbers).")
+    src = p.add_argument_group("what to tune")
+    src.add_argument("--model", help="Hub id, catalogue name, local directory or config.json")
+    src.add_argument("--shape", help="explicit shape instead of --model: E=..,topk=..,K=..,intermediate=.."
+                                     "[,dtype=fp8_w8a8][,block=128x128]")
+    src.add_argument("--replay", help="take measurements from a recorded CSV table instead of the GPU")
+    src.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    src.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    src.add_argument("--dtype", default=None, help="fp8_w8a8, bf16 or fp16 (default: from the model)")
+    src.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
+    how = p.add_argument_group("how")
+    how.add_argument("--batch-sizes", default="",
+                     help="comma-separated, e.g. 1,64,4096 (default: SGLang's 18; the table's with --replay)")
+    how.add_argument("--n-trials", type=int, default=None,
+                     help="configs measured per batch size, failures included, counted across resumed runs "
+                          "(default 48)")
+    how.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    how.add_argument("--sampler", default="moe", choices=["moe", "tpe", "random", "grid"],
+                     help="search strategy (default moe; grid = exhaustive)")
+    how.add_argument("--seed", type=int, default=None, help="sampler seed")
+    how.add_argument("--storage", default=None,
+                     help="Optuna storage URL (default sqlite:///studies/<model>.db); journal:PATH for a file "
+                          "journal; postgresql://... for many hosts")
+    how.add_argument("--no-warm-start", action="store_true",
+                     help="do not measure SGLang's default and existing tuned configs first")
+    how.add_argument("--tuned-config-dir", action="append", default=[],
+                     help="directory with existing SGLang/vLLM tuned files to warm-start from (repeatable)")
+    how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
+    how.add_argument("--compile-workers", type=int, default=None,
+                     help="processes compiling configs ahead of timing (default: CPU cores - 2)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", default="moe_configs",
+                     help="where config files go (default ./moe_configs): SGLang's configs/triton_X_Y_Z/ "
+                          "layout (point SGLANG_MOE_CONFIG_DIR here) and vLLM files (VLLM_TUNED_CONFIG_FOLDER)")
+    out.add_argument("--no-export", action="store_true", help="do not write config files")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("export", help="rebuild SGLang/vLLM config files from a study storage alone",
+                       description="Write the best config of every batch size of every moe_opt study in "
+                                   "STORAGE as SGLang and vLLM config files.")
+    p.add_argument("storage", help="Optuna storage URL, e.g. sqlite:///studies/DeepSeek-V4-Flash.db")
+    p.add_argument("-o", "--output-dir", default="moe_configs", help="default ./moe_configs")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

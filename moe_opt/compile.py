@@ -79,39 +79,51 @@ class CompilePool:
         import torch
 
         self.spec = spec
-        self.workers = workers if workers is not None else max(1, min(15, (os.cpu_count() or 2) - 1))
+        # One core stays free for the measuring process, which launches kernels while workers compile.
+        self.workers = workers if workers is not None else max(1, min(15, (os.cpu_count() or 2) - 2))
         if shared_memory_bytes is None:
             props = torch.cuda.get_device_properties(torch.device(device))
             shared_memory_bytes = getattr(props, "shared_memory_per_block_optin", 232_448)
         self.shared_memory_bytes = shared_memory_bytes
         self.results: dict[Config, str | None] = {}
+        self._inflight: dict[Config, object] = {}
         self._executor = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(spec.to_dict(), device))
 
-    def submit(self, configs: Iterable[Config]) -> list:
-        """Start compiling configs not seen yet; returns futures (resolved into self.results by wait())."""
-        futures = []
+    def ensure(self, configs: Iterable[Config], *, speculative: bool = False) -> None:
+        """Start compiling the configs not compiled or in flight yet.
+
+        Speculative submissions (configs the search will likely ask for next) are only made while fewer
+        compiles than workers are in flight, so they never queue ahead of configs that are needed now.
+        """
         for config in configs:
-            if config in self.results or any(f.config == config for f in futures):
+            if config in self.results or config in self._inflight:
                 continue
+            if speculative and len(self._inflight) >= self.workers:
+                return
             reason = screen(self.spec, config, self.shared_memory_bytes)
             if reason is not None:
                 self.results[config] = reason
                 continue
-            future = self._executor.submit(_compile_one, config)
-            future.config = config  # type: ignore[attr-defined]
-            futures.append(future)
-        return futures
+            self._inflight[config] = self._executor.submit(_compile_one, config)
 
-    def wait(self, futures: list) -> None:
-        for future in futures:
-            self.results[future.config] = future.result()
+    def result(self, config: Config) -> str | None:
+        """Wait until ``config`` is compiled; its failure, or None."""
+        if config not in self.results:
+            self.ensure([config])
+        future = self._inflight.pop(config, None)
+        if future is not None:
+            self.results[config] = future.result()
+        for done in [c for c, f in self._inflight.items() if f.done()]:
+            self.results[done] = self._inflight.pop(done).result()
+        return self.results[config]
 
     def compile(self, configs: Iterable[Config]) -> dict[Config, str | None]:
+        """Compile all configs (in parallel) and return {config: failure or None}."""
         configs = list(configs)
-        self.wait(self.submit(configs))
-        return {c: self.results[c] for c in configs}
+        self.ensure(configs)
+        return {c: self.result(c) for c in configs}
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

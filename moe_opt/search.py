@@ -99,9 +99,23 @@ class SearchState:
 
     def propose(self, M: int, rng: random.Random, exclude: set[Config] = frozenset()) -> Config | None:
         """The next config to measure at batch size M, or None when every candidate has been tried."""
+        pool, score = self._pool(M, exclude)
+        if not pool:
+            return None
+        best_score = min(score[self._index[c]] for c in pool)
+        ties = [c for c in pool if score[self._index[c]] <= best_score + 1e-9]
+        return rng.choice(sorted(ties))
+
+    def lookahead(self, M: int, k: int) -> list[Config]:
+        """The k configs most likely to be proposed next at M (for compiling ahead)."""
+        pool, score = self._pool(M, frozenset())
+        return sorted(pool, key=lambda c: (score[self._index[c]], c))[:k]
+
+    def _pool(self, M: int, exclude) -> tuple[set[Config], np.ndarray]:
+        """The configs the next proposal is chosen from, and the acquisition score of every candidate."""
         open_set = set(self.open_candidates(M)) - set(exclude)
         if not open_set:
-            return None
+            return set(), np.zeros(0)
         mean, sigma = self.predict(M)
         score = mean - EXPLORATION * sigma
         pool = open_set
@@ -114,6 +128,4 @@ class SearchState:
                 if near:
                     pool = near
                     break
-        best_score = min(score[self._index[c]] for c in pool)
-        ties = [c for c in pool if score[self._index[c]] <= best_score + 1e-9]
-        return rng.choice(sorted(ties))
+        return pool, score

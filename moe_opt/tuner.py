@@ -32,6 +32,7 @@ from .study import (COMPILE_FAILURES, default_storage, open_storage, study_attrs
 DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
+LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
 # The "error" of a trial that was asked but never measured (Ctrl-C, a crash): not counted, its config retried.
 INTERRUPTED = "Interrupted"
 
@@ -360,8 +361,11 @@ def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, start
                 asked.append((M, study, trial, config))
             if not asked:
                 break
-            if pool is not None:  # compile the round's configs in parallel before timing them
-                pool.wait(pool.submit(c for _, _, _, c in asked))
+            if pool is not None:
+                # Compile the round's configs in parallel, then what the search will likely ask next, while
+                # the GPU times this round.
+                pool.ensure(c for _, _, _, c in asked)
+                pool.ensure((c for M in studies for c in state.lookahead(M, LOOKAHEAD)), speculative=True)
             for i, (M, study, trial, config) in enumerate(asked):
                 if flag.stop:
                     # Asked but never measured: closed as failed, marked so they are retried, not counted.
@@ -382,7 +386,7 @@ def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, start
 
 def _measure(measurer, pool, config: Config, M: int) -> Measurement:
     if pool is not None:
-        failure = pool.results.get(config)
+        failure = pool.result(config)
         if failure is not None:
             return Measurement(None, failure)
     try:

@@ -1,0 +1,56 @@
+"""Rebuild config files from a study storage alone (``moe-opt export STORAGE``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .errors import TuneError
+from .space import PARAM_NAMES, Config
+from .study import StudyInfo, list_moe_studies, open_storage
+
+
+def best_configs(storage, info: StudyInfo) -> tuple[Config, float] | None:
+    """The fastest completed config of one study, or None if it has none."""
+    study = optuna.load_study(study_name=info.name, storage=storage)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    top = min(complete, key=lambda t: t.value)
+    return Config(*(int(top.params[p]) for p in PARAM_NAMES)), float(top.value)
+
+
+def export_storage(storage_url, output_dir) -> list[Path]:
+    """Write SGLang and vLLM files for every shape/device found in the storage; returns the paths written.
+
+    Example:
+        >>> export_storage("sqlite:///studies/DeepSeek-V4-Flash.db", "moe_configs")  # doctest: +SKIP
+    """
+    from .export import write_sglang, write_vllm
+
+    storage = open_storage(storage_url)
+    groups: dict[str, list[StudyInfo]] = defaultdict(list)
+    for info in list_moe_studies(storage):
+        groups[info.base].append(info)
+    if not groups:
+        raise TuneError(f"storage {storage_url} holds no moe_opt studies; run moe-opt tune first")
+    written = []
+    for base, infos in groups.items():
+        spec = infos[0].spec
+        if spec is None:
+            print(f"moe-opt export: skipping {base}: its studies record no model spec (replay without a spec)")
+            continue
+        configs = {}
+        for info in infos:
+            found = best_configs(storage, info)
+            if found is not None:
+                configs[info.M] = found[0]
+        if not configs:
+            continue
+        kwargs = dict(device_name=infos[0].device_name, triton_version=infos[0].triton_version)
+        written.append(write_sglang(spec, configs, output_dir, **kwargs))
+        written.append(write_vllm(spec, configs, output_dir, **kwargs))
+    return written
