@@ -62,6 +62,13 @@ def _shape_spec(args: argparse.Namespace):
                                 tp_size=args.tp, ep_size=args.ep, swiglu_limit=args.swiglu_limit)
 
 
+def _cmd_record(args: argparse.Namespace) -> int:
+    from .table import record_table
+
+    print(f"wrote {record_table(args.storage, args.output)}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export_storage import export_storage
 
@@ -139,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("storage", help="Optuna storage URL, e.g. sqlite:///studies/DeepSeek-V4-Flash.db")
     p.add_argument("-o", "--output-dir", default="moe_configs", help="default ./moe_configs")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("record", help="write a replay table (CSV) from the trials in a study storage",
+                       description="Turn the trials of moe_opt studies (typically an exhaustive --sampler grid "
+                                   "tune) into a replay table for `moe-opt tune --replay`.")
+    p.add_argument("storage", help="Optuna storage URL")
+    p.add_argument("-o", "--output", required=True, help="CSV path to write")
+    p.set_defaults(func=_cmd_record)
     return parser
 
 

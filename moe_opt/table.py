@@ -116,3 +116,52 @@ def write_table(rows: Iterable[dict], path: str | os.PathLike, extra_columns: It
         os.unlink(tmp)
         raise
     return path
+
+
+def table_rows_from_storage(storage, *, base: str | None = None) -> list[dict]:
+    """Rows of a replay table from the trials of moe_opt studies (e.g. an exhaustive ``sampler="grid"`` tune).
+
+    A config measured more than once keeps its median. Failed trials become rows with an empty ``us``.
+    """
+    import statistics
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from .study import list_moe_studies, open_storage
+
+    store = open_storage(storage)
+    rows = []
+    for info in list_moe_studies(store):
+        if base is not None and info.base != base:
+            continue
+        study = optuna.load_study(study_name=info.name, storage=store)
+        values: dict[Config, list[float]] = {}
+        errors: dict[Config, str] = {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            try:
+                config = Config(*(int(t.params[p]) for p in PARAM_NAMES))
+            except KeyError:
+                continue
+            if t.state == TrialState.COMPLETE:
+                values.setdefault(config, []).append(float(t.value))
+            elif not str(t.user_attrs.get("error", "")).startswith("Interrupted"):
+                errors.setdefault(config, str(t.user_attrs.get("error", "failed")))
+        for config in sorted(set(values) | set(errors)):
+            us = f"{statistics.median(values[config]):.3f}" if config in values else ""
+            rows.append({"M": info.M, **config.to_dict(), "us": us, "error": "" if us else errors[config]})
+    return rows
+
+
+def record_table(storage, path: str | os.PathLike, *, base: str | None = None) -> Path:
+    """Write a replay table (CSV) from the studies in ``storage``: the recorder of exhaustive runs.
+
+    Example:
+        >>> import moe_opt
+        >>> r = moe_opt.tune(model="deepseek-ai/DeepSeek-V4-Flash", tp_size=8, sampler="grid")  # doctest: +SKIP
+        >>> record_table(r.storage, "grid.csv")  # doctest: +SKIP
+    """
+    rows = table_rows_from_storage(storage, base=base)
+    if not rows:
+        raise TuneError(f"storage {storage} holds no moe_opt trials to record")
+    return write_table(rows, path, extra_columns=("error",))

@@ -26,6 +26,7 @@ from .samplers import make_sampler
 from .search import SearchState
 from .space import PARAM_NAMES, Config
 from .spec import ModelSpec
+from .notes import refresh_study_note
 from .study import (COMPILE_FAILURES, default_storage, open_storage, study_attrs, study_base_name,
                     study_name)
 
@@ -266,7 +267,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                                         sampler=samplers[M], load_if_exists=True)
         except Exception as exc:
             raise TuneError(f"cannot create study {name} in {storage_arg}: {str(exc).splitlines()[0][:300]}") from None
-        for key, value in study_attrs(base, M, spec, device_name, triton_version, torch.__version__,
+        for key, value in study_attrs(base, M, spec, device_name, triton_version,
+                                      table_meta.get("torch", torch.__version__),
                                       getattr(measurer, "description", type(measurer).__name__),
                                       is_performance).items():
             if study.user_attrs.get(key) != value:
@@ -380,6 +382,8 @@ def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, start
                     pending.discard(config)
                 total[M] += 1
                 bar.update(M, config, m)
+                if total[M] == n_trials:
+                    refresh_study_note(study)  # this batch size is done: its dashboard note is final
     bar.close()
     return flag.stop
 
@@ -429,6 +433,7 @@ def _collect(studies, defaults, measurer, storage_arg, spec, is_performance, sta
                 default_latency[M] = m.latency_us
                 study.set_user_attr("default_latency_us", m.latency_us)
         study.set_user_attr("default_config", defaults[M].to_dict())
+        refresh_study_note(study)
         if complete:
             top = min(complete, key=lambda t: t.value)
             best[M] = _config_of(top).to_dict()
