@@ -1,0 +1,72 @@
+"""Compare samplers on recorded grid tables (replay mode, no GPU): how close to the grid optimum each gets.
+
+    python benchmarks/compare_samplers.py moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv --seeds 20
+
+For every sampler and seed, one tune of 128 trials per batch size; the best config after the first n trials
+(n = 16, 32, 48, 64, 128) is compared with the table's optimum. Prints a Markdown table: median ratio to the
+optimum and P(within 1%) over seeds, per budget (worst batch size and mean over batch sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import optuna
+
+import moe_opt
+from moe_opt.table import ReplayTable
+
+BUDGETS = (16, 32, 48, 64, 128)
+SAMPLERS = {  # label: (sampler, warm start)
+    "random": ("random", False),
+    "Optuna TPE (defaults)": ("tpe", False),
+    "Optuna TPE + warm start": ("tpe", True),
+    "moe_opt (default)": ("moe", True),
+    "moe_opt without warm start": ("moe", False),
+}
+
+
+def ratios(table_path: str, sampler: str, warm_start: bool, seed: int) -> dict[int, dict[int, float]]:
+    """{budget: {M: best-after-budget / grid optimum}} for one seeded run."""
+    table = ReplayTable(table_path)
+    result = moe_opt.tune(replay=table_path, n_trials=max(BUDGETS), sampler=sampler, seed=seed,
+                          warm_start=warm_start, storage=optuna.storages.InMemoryStorage(), output_dir=None,
+                          progress=False)
+    df = result.trials_dataframe()
+    value = "value" if "value" in df else next(c for c in df.columns if c.startswith("value"))
+    out: dict[int, dict[int, float]] = {b: {} for b in BUDGETS}
+    for M in table.batch_sizes:
+        trials = df[df.M == M].sort_values("number")
+        for b in BUDGETS:
+            best = trials.head(b)[value].min()
+            out[b][M] = best / table.best(M)[1]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table")
+    p.add_argument("--seeds", type=int, default=20)
+    args = p.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    batch_sizes = ReplayTable(args.table).batch_sizes
+    print(f"table {args.table}, batch sizes {batch_sizes}, {args.seeds} seeds\n")
+    print("| sampler | trials per M | median ratio to optimum | P(within 1%), worst M | P(within 1%), mean over M |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, (sampler, warm) in SAMPLERS.items():
+        t0 = time.perf_counter()
+        runs = [ratios(args.table, sampler, warm, seed) for seed in range(args.seeds)]
+        for b in BUDGETS:
+            all_ratios = [r[b][M] for r in runs for M in batch_sizes]
+            p_within = {M: sum(r[b][M] <= 1.01 for r in runs) / len(runs) for M in batch_sizes}
+            print(f"| {label} | {b} | {statistics.median(all_ratios):.4f} | {min(p_within.values()):.2f} | "
+                  f"{statistics.mean(p_within.values()):.2f} |", flush=True)
+        print(f"<!-- {label}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
