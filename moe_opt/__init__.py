@@ -20,6 +20,12 @@ from .space import Config, default_config  # noqa: E402
 from .spec import ModelSpec  # noqa: E402
 from .tuner import TuneResult, tune  # noqa: E402
 
+# These modules import only the standard library and optuna at the top; optuna-dashboard, plotly and pandas load
+# inside the functions. (The names shadow the submodules: import from them as ``from moe_opt.report import ...``.)
+from .dashboard import dashboard, start_dashboard  # noqa: E402
+from .report import report, summary  # noqa: E402
+
 __all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "TuneResult",
-           "default_config", "fused_moe", "resolve_model", "tune"]
+           "dashboard", "default_config", "fused_moe", "report", "resolve_model", "start_dashboard", "summary",
+           "tune"]
 __version__ = "0.1.0"

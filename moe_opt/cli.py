@@ -41,8 +41,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   seed=args.seed, output_dir=None if args.no_export else args.output_dir,
                   warm_start=not args.no_warm_start, tuned_config_dirs=args.tuned_config_dir,
                   device=args.device, replay=args.replay, compile_workers=args.compile_workers,
-                  progress=True)
-    return 130 if result.interrupted else 0
+                  progress=True, n_workers=args.workers)
+    return 130 if result.interrupted else 1 if result.worker_errors else 0
 
 
 def _shape_spec(args: argparse.Namespace):
@@ -74,6 +74,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     for path in export_storage(args.storage, args.output_dir):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import dashboard
+
+    dashboard(args.storage, port=args.port, host=args.host)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    path = report(args.storage, args.output, table=args.table, copy_bandwidth_gbps=args.copy_bandwidth_gbps)
+    print(f"wrote {path}, {path.with_suffix('.csv')}, {path.with_suffix('.md')}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .report import summary, summary_text
+
+    print(summary_text(summary(args.storage, table=args.table)))
     return 0
 
 
@@ -133,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
     how.add_argument("--compile-workers", type=int, default=None,
                      help="processes compiling configs ahead of timing (default: CPU cores - 2)")
+    how.add_argument("--workers", type=int, default=1,
+                     help="processes searching the studies together, one per GPU (default 1); they share a "
+                          "journal:PATH or postgresql:// storage (default journal:studies/<model>.journal), not "
+                          "SQLite; see docs/operations.md")
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", default="moe_configs",
                      help="where config files go (default ./moe_configs): SGLang's configs/triton_X_Y_Z/ "
@@ -153,6 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("storage", help="Optuna storage URL")
     p.add_argument("-o", "--output", required=True, help="CSV path to write")
     p.set_defaults(func=_cmd_record)
+
+    p = sub.add_parser("dashboard", help="watch and explore the studies in optuna-dashboard (a local web page)",
+                       description="Start optuna-dashboard on a study storage and print its URL. Each study shows "
+                                   "its shape and device as user attributes and a note with the best config, its "
+                                   "latency, SGLang's default and the speedup. Ctrl-C stops.")
+    p.add_argument("storage", nargs="?", default=None,
+                   help="Optuna storage URL or .db path (default: the most recently modified studies/*.db or "
+                        "studies/*.journal)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 = any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    p.set_defaults(func=_cmd_dashboard)
+
+    p = sub.add_parser("report", help="write an offline HTML report with plots, plus the summary as CSV/Markdown",
+                       description="One self-contained HTML page per storage (plotly.js embedded): latency and "
+                                   "speedup by batch size, search progress, parameter importance and achieved "
+                                   "bandwidth, per shape. report.csv and report.md are written beside it.")
+    p.add_argument("storage", help="Optuna storage URL or .db path")
+    p.add_argument("-o", "--output", default="report.html", help="HTML path (default ./report.html)")
+    p.add_argument("--table", default=None, help="recorded grid table (CSV) whose optimum the report compares with")
+    p.add_argument("--copy-bandwidth-gbps", type=float, default=None,
+                   help="device copy bandwidth in GB/s for the bandwidth plot (default: measured ~3000 for H100, "
+                        "~4300 for H200)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("show", help="print the summary table: best config, latency, default, speedup per M",
+                       description="Per shape and batch size M: best config, its latency, SGLang's default "
+                                   "latency, speedup, trials and failures.")
+    p.add_argument("storage", help="Optuna storage URL or .db path")
+    p.add_argument("--table", default=None, help="recorded grid table (CSV) to add the grid optimum column")
+    p.set_defaults(func=_cmd_show)
     return parser
 
 
@@ -164,8 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoeOptError as exc:
         print(f"moe-opt {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"moe-opt {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"moe-opt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -133,6 +133,11 @@ class MoeInputs:
         return fused_moe(x, self.w1, self.w2, weights, ids, config, out=out, **self.kwargs)
 
 
+def cuda_graph_description(device_name: str, calls_per_graph: int = 10, replays: int = 5) -> str:
+    """How :class:`CudaGraphTimer` measures, for the study's "measurement" attribute."""
+    return f"CUDA graph of {calls_per_graph} calls, L2 flushed, median of {replays} replays, {device_name}"
+
+
 class CudaGraphTimer:
     """Times a config as serving runs it: ``calls_per_graph`` fused-MoE calls captured in one CUDA graph,
     each with its own routing draw; the L2 cache flushed before every timed replay; the median over
@@ -158,15 +163,28 @@ class CudaGraphTimer:
         # Twice the L2 size, zeroed before each timed replay, evicts the weights of the previous replay.
         l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
         self._flush = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=self.device)
-        self.description = f"CUDA graph of {calls_per_graph} calls, L2 flushed, median of {replays} replays, {props.name}"
+        self.description = cuda_graph_description(props.name, calls_per_graph, replays)
 
     def measure(self, config: Config, M: int) -> Measurement:
         try:
             with torch.cuda.device(self.device):
                 return self._measure(config, M)
         except Exception as exc:  # a config that does not compile or launch is a result, not a crash
-            torch.cuda.synchronize(self.device)
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:
+                pass  # a sticky error: healthy() says so, and the isolated process is replaced
             return Measurement(None, describe_failure(exc))
+
+    def healthy(self) -> bool:
+        """Whether the CUDA context still works: an illegal memory access breaks it for every later call, and
+        only a new process recovers (isolation.py)."""
+        try:
+            with torch.cuda.device(self.device):
+                torch.cuda.synchronize()
+                return torch.ones(1, device=self.device).add_(1).item() == 2.0
+        except Exception:
+            return False
 
     def _measure(self, config: Config, M: int) -> Measurement:
         self.inputs.call(config, M)  # compiles (or loads from Triton's cache) outside the graph

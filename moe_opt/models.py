@@ -122,14 +122,35 @@ def _download_config(repo_id: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     hint = f"give a local config.json path or explicit shapes with {_FROM_SHAPE}"
     try:
-        return Path(hf_hub_download(repo_id, "config.json", local_files_only=offline))
+        return Path(hf_hub_download(repo_id, "config.json", local_files_only=True))  # the cache first
     except HFValidationError:
         raise SpecError(f"{repo_id!r} is not a local path, a bundled model (moe_opt.catalogue.model_ids()) or a valid "
                         f"Hub id; {hint}") from None
+    except (OSError, EntryNotFoundError, ValueError):
+        if offline:
+            raise SpecError(f"model {repo_id} not found offline: {hint}") from None
+    # hf_hub_download retries a failed connection five times with sleeps (half a minute without a network):
+    # ask the Hub once first, so no network fails in seconds.
+    try:
+        _probe_hub(repo_id)
+        return Path(hf_hub_download(repo_id, "config.json"))
     except HfHubHTTPError as exc:  # no such repo or file, gated, or a server error
         raise SpecError(f"model {repo_id} not found on the Hub ({str(exc).splitlines()[0]}): {hint}") from None
-    except (OSError, EntryNotFoundError):  # not in the cache, and offline or no connection
+    except (OSError, EntryNotFoundError):
         raise SpecError(f"model {repo_id} not found offline: {hint}") from None
+    except Exception as exc:  # the HTTP client's connection errors: no network, DNS, proxy, timeout
+        raise SpecError(f"model {repo_id} not found offline (cannot reach the Hub: {type(exc).__name__}): "
+                        f"{hint}") from None
+
+
+def _probe_hub(repo_id: str) -> None:
+    """One metadata request for config.json, without retries; raises what hf_hub_download would."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), retry_on_errors=False, timeout=10)
+    except TypeError:  # huggingface_hub before retry_on_errors: its download fails as fast
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
 
 
 def resolve_model(model: str | os.PathLike[str], tp_size: int = 1, ep_size: int = 1, dtype: str | None = None, *,

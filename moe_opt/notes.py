@@ -1,59 +1,163 @@
 """The Markdown note of a study in optuna-dashboard: best config, its latency, SGLang's default and the speedup.
 
-Written or refreshed when a batch size finishes its trials and at the end of a tune.
+Written or refreshed when a batch size finishes its trials and at the end of a tune, and filled in by
+``moe-opt dashboard`` for studies that have none (tuned where optuna-dashboard was not installed).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
+
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from .space import PARAM_NAMES, Config
 
+METRIC_NAME = "latency_us"  # the objective's name in optuna-dashboard (instead of "Objective 0")
+TOP_CONFIGS = 3
+# optuna-dashboard keeps a study note in study system attributes: the version under NOTE_VER_KEY and the text in
+# chunks of at most 2045 characters under NOTE_STR_PREFIX + index (optuna_dashboard/_note.py, save_note).
+NOTE_VER_KEY = "dashboard:note_ver"
+NOTE_STR_PREFIX = "dashboard:note_str:"
+NOTE_CHUNK = 2045
+
+
+def _config(t: FrozenTrial) -> Config | None:
+    try:
+        return Config(*(int(t.params[p]) for p in PARAM_NAMES))
+    except (KeyError, ValueError):
+        return None
+
+
+def _row(label: str, config: Config | dict, us: float | None, default_us: float | None) -> str:
+    values = Config.from_dict(config).to_dict() if isinstance(config, dict) else config.to_dict()
+    speedup = f"{default_us / us:.2f}×" if us and default_us else ""
+    latency = f"{us:.2f}" if us is not None else "not measured"
+    return f"| {label} | " + " | ".join(str(values[p]) for p in PARAM_NAMES) + f" | {latency} | {speedup} |"
+
 
 def study_note(study: optuna.Study) -> str | None:
-    """The note's Markdown text, or None while the study has no completed trial."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """The note's Markdown text, or None while the study has no completed trial.
+
+    Example:
+        >>> import optuna, moe_opt
+        >>> r = moe_opt.tune(replay="moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv", n_trials=8,
+        ...                  storage="sqlite:///demo.db", output_dir=None, progress=False)  # doctest: +SKIP
+        >>> study = optuna.load_study(study_name=r.study_names[16], storage="sqlite:///demo.db")  # doctest: +SKIP
+        >>> print(study_note(study))  # doctest: +SKIP
+        # M = 16: 1.33× faster than SGLang's default
+        ...
+    """
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and _config(t) is not None]
     if not complete:
         return None
     attrs = study.user_attrs
-    top = min(complete, key=lambda t: t.value)
-    best = Config(*(int(top.params[p]) for p in PARAM_NAMES))
+    M = attrs.get("M")
+    ranked = sorted(complete, key=lambda t: t.value)
+    top = ranked[0]
     default = attrs.get("default_config")
-    default_us = attrs.get("default_latency_us")
+    default_us, default_trial = attrs.get("default_latency_us"), None
     if default is not None:
-        for t in complete:
-            if all(int(t.params.get(k, -1)) == v for k, v in default.items()):
-                default_us = t.value
-    lines = [f"# Batch size M = {attrs.get('M')}", ""]
-    if attrs.get("model"):
-        lines.append(f"Model **{attrs['model']}**, E={attrs.get('E')}, N={attrs.get('N')}, K={attrs.get('K')}, "
-                     f"topk={attrs.get('topk')}, {attrs.get('dtype')}, block_shape={attrs.get('block_shape')}, "
-                     f"swiglu_limit={attrs.get('swiglu_limit')}")
-    lines.append(f"Device {attrs.get('device_name')}, Triton {attrs.get('triton_version')}, "
-                 f"torch {attrs.get('torch_version')}; {attrs.get('measurement')}")
+        default_trial = next((t for t in complete if _config(t) == Config.from_dict(default)), None)
+        if default_trial is not None:
+            default_us = float(default_trial.value)
+
+    title = (f"# M = {M}: {default_us / top.value:.2f}× faster than SGLang's default" if default_us
+             else f"# M = {M}: best {top.value:.2f} µs")
+    lines = [title, ""]
     if not attrs.get("is_performance", True):
-        lines.append("")
-        lines.append("**Timings from Triton's CPU interpreter: not performance numbers.**")
-    lines += ["", "| | config | latency (us) |", "| --- | --- | --- |",
-              f"| best (trial {top.number}) | `{best.to_dict()}` | {top.value:.2f} |"]
-    if default is not None:
-        lines.append(f"| SGLang default | `{default}` | "
-                     f"{'%.2f' % default_us if default_us is not None else 'not measured'} |")
+        lines += ["> **Timings from Triton's CPU interpreter on a scaled-down shape: not performance numbers.**", ""]
+    elif str(attrs.get("measurement", "")).startswith("replay of "):
+        lines += [f"> **Replayed search**: latencies looked up in a table recorded on {attrs.get('device_name')}.",
+                  ""]
+    summary = f"Best config **{top.value:.2f} µs** (trial {top.number})"
     if default_us:
-        lines += ["", f"Speedup over SGLang's default: **{default_us / top.value:.3f}x**"]
-    failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    lines += ["", f"{len(complete)} configs measured, {failed} failed to compile or run."]
+        summary += f"; SGLang's default config **{default_us:.2f} µs**"
+    lines += [summary + ".", ""]
+
+    header = "| | " + " | ".join(PARAM_NAMES) + " | latency (µs) | speedup |"
+    lines += [header, "|---|" + "--:|" * (len(PARAM_NAMES) + 2)]
+    shown = []
+    for t in ranked:
+        if len(shown) == TOP_CONFIGS:
+            break
+        if _config(t) not in [_config(s) for s in shown]:  # a config measured twice is shown once
+            shown.append(t)
+    for i, t in enumerate(shown):
+        label = f"**best** (trial {t.number})" if i == 0 else f"#{i + 1} (trial {t.number})"
+        lines.append(_row(label, _config(t), float(t.value), default_us))
+    if default is not None:
+        where = f"trial {default_trial.number}" if default_trial is not None else "timed apart"
+        lines.append(_row(f"SGLang default ({where})", default, default_us, default_us))
+
+    entry = json.dumps({str(M): _config(top).to_dict()})[1:-1]
+    lines += ["", "Entry of the SGLang / vLLM config file:", "", "```json", entry, "```", "", "## Shape", ""]
+    if attrs.get("E") is not None:
+        keys = ("model", "E", "N", "K", "topk", "dtype", "block_shape", "swiglu_limit")
+        lines += ["| " + " | ".join(keys) + " | M |", "|" + "---|" * (len(keys) + 1),
+                  "| " + " | ".join(str(attrs.get(k)) for k in keys) + f" | {M} |", ""]
+    lines.append(f"Device **{attrs.get('device_name')}**, Triton {attrs.get('triton_version')}, "
+                 f"torch {attrs.get('torch_version')}. Measurement: {attrs.get('measurement')}.")
+
+    failed = [t for t in trials if t.state == TrialState.FAIL
+              and not str(t.user_attrs.get("error", "")).startswith("Interrupted")]
+    lines += ["", f"{len(complete)} configs measured, {len(failed)} failed to compile or run."]
+    if failed:
+        reasons = Counter(str(t.user_attrs.get("error", "failed")).split(":")[0] for t in failed)
+        lines[-1] += " Failures: " + ", ".join(f"{r} ({n})" for r, n in reasons.most_common()) + "."
+    if "gbps" in top.user_attrs and not math.isnan(float(top.user_attrs["gbps"])):
+        lines += ["", f"The best config moves {float(top.user_attrs['gbps']):.0f} GB/s (fewest bytes a call "
+                      "must move / latency)."]
     return "\n".join(lines)
 
 
-def refresh_study_note(study: optuna.Study) -> None:
-    """Write the study's note for optuna-dashboard (no-op if optuna-dashboard is not installed)."""
-    text = study_note(study)
-    if text is None:
-        return
+def _save_note(study: optuna.Study, text: str) -> None:
+    """Save the note as optuna_dashboard.save_note does, without needing optuna-dashboard installed."""
     try:
         from optuna_dashboard import save_note
     except ImportError:
+        storage, study_id = study._storage, study._study_id
+        chunks = [text[i:i + NOTE_CHUNK] for i in range(0, len(text), NOTE_CHUNK)]
+        old = storage.get_study_system_attrs(study_id)
+        storage.set_study_system_attr(study_id, NOTE_VER_KEY, int(old.get(NOTE_VER_KEY, 0)) + 1)
+        for i, chunk in enumerate(chunks):
+            storage.set_study_system_attr(study_id, f"{NOTE_STR_PREFIX}{i}", chunk)
+        for i in range(len(chunks), sum(k.startswith(NOTE_STR_PREFIX) for k in old)):
+            storage.set_study_system_attr(study_id, f"{NOTE_STR_PREFIX}{i}", "")
         return
     save_note(study, text)
+
+
+def has_note(study: optuna.Study) -> bool:
+    """Whether optuna-dashboard will show a note for this study.
+
+    Example:
+        >>> has_note(optuna.create_study())
+        False
+    """
+    return NOTE_VER_KEY in study._storage.get_study_system_attrs(study._study_id)
+
+
+def refresh_study_note(study: optuna.Study) -> None:
+    """Write the study's note for optuna-dashboard and name its objective ``latency_us``.
+
+    Example:
+        >>> import moe_opt
+        >>> r = moe_opt.tune(replay="moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv", n_trials=8,
+        ...                  storage="sqlite:///demo.db", output_dir=None, progress=False)  # doctest: +SKIP
+        >>> study = optuna.load_study(study_name=r.study_names[16], storage="sqlite:///demo.db")  # doctest: +SKIP
+        >>> refresh_study_note(study); has_note(study)  # doctest: +SKIP
+        True
+    """
+    if study.metric_names is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
+    text = study_note(study)
+    if text is not None:
+        _save_note(study, text)

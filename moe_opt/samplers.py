@@ -35,7 +35,10 @@ class _StateSampler(BaseSampler):
         self.choices = choices
         self._rng = random.Random(seed)
         self._fallback = RandomSampler(seed=seed)
-        self.pending: set[Config] = set()  # asked but not yet told, so a batch of asks stays distinct
+        self.pending: set[Config] = set()  # asked by this process but not yet told
+        # Configs other processes run or have queued at this batch size, learned from the storage before each
+        # ask (coordination.py): they count as pending, so two workers never measure the same config.
+        self.elsewhere: set[Config] = set()
 
     def reseed_rng(self) -> None:
         self._rng.seed()
@@ -46,6 +49,10 @@ class _StateSampler(BaseSampler):
 
     def _next(self) -> Config | None:
         raise NotImplementedError
+
+    def exhausted(self, elsewhere: set[Config] = frozenset()) -> bool:
+        """Whether every candidate has been tried or asked at this batch size (the study has nothing left)."""
+        return not (set(self.state.open_candidates(self.M)) - self.pending - set(elsewhere))
 
     def sample_relative(self, study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if "fixed_params" in trial.system_attrs:  # an enqueued warm-start config
@@ -64,14 +71,14 @@ class MoeSampler(_StateSampler):
     """moe_opt's search (search.py): surrogate-guided, order-aware, sharing what other batch sizes learned."""
 
     def _next(self) -> Config | None:
-        return self.state.propose(self.M, self._rng, exclude=self.pending)
+        return self.state.propose(self.M, self._rng, exclude=self.pending | self.elsewhere)
 
 
 class GridWalkSampler(_StateSampler):
     """Every candidate config once, in a fixed order: the exhaustive baseline and the replay-table recorder."""
 
     def _next(self) -> Config | None:
-        tried = self.state.tried(self.M) | self.pending
+        tried = self.state.tried(self.M) | self.pending | self.elsewhere
         for config in self.state.candidates:
             if config not in tried:
                 return config

@@ -7,8 +7,10 @@ itself in optuna-dashboard and so ``moe-opt export STORAGE`` can rebuild config 
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,14 @@ from .errors import TuneError
 from .spec import ModelSpec
 
 STUDY_PREFIX = "moe"
+CONNECT_TIMEOUT_S = 10  # PostgreSQL/MySQL connection attempts
+SQLITE_BUSY_TIMEOUT_MS = 60_000
 # A trial's user attribute "error" holds why a config failed; these prefixes mean it failed to compile, which
 # does not depend on the batch size.
 COMPILE_FAILURES = ("OutOfResources", "CompilationError", "Rejected", "CompileTimeAssertionFailure")
+# The "error" of a trial that was asked but never measured (Ctrl-C, a killed worker, a duplicate that another
+# worker took first): not counted against the budget, and its config is retried.
+INTERRUPTED = "Interrupted"
 
 
 def shape_key(spec: ModelSpec | None, table_name: str | None = None) -> str:
@@ -47,9 +54,21 @@ def study_name(base: str, M: int) -> str:
     return f"{base}|M={M}"
 
 
-def default_storage(spec: ModelSpec | None, table_name: str | None = None) -> str:
+def default_storage(spec: ModelSpec | None, table_name: str | None = None, *, journal: bool = False) -> str:
+    """``sqlite:///studies/<slug>.db``; ``journal:studies/<slug>.journal`` for several processes."""
     slug = spec.slug() if spec is not None else f"replay_{table_name}"
-    return f"sqlite:///studies/{slug}.db"
+    return f"journal:studies/{slug}.journal" if journal else f"sqlite:///studies/{slug}.db"
+
+
+def _check_writable_directory(url: str, directory: Path) -> None:
+    """Create a probe file: os.access says yes to root even on a read-only mount."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".moe_opt_probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TuneError(f"storage {url}: directory {directory} is read-only ({exc.strerror}); choose a writable "
+                        "location") from None
 
 
 def _check_sqlite_path(url: str) -> None:
@@ -71,10 +90,38 @@ def _check_sqlite_path(url: str) -> None:
             raise TuneError(f"storage {url}: cannot read {p}: {exc.strerror}") from None
         if head and head != b"SQLite format 3\x00":
             raise TuneError(f"storage {url}: {p} is not an SQLite database; give a new or existing .db file")
-        if not os.access(p, os.W_OK):
-            raise TuneError(f"storage {url}: {p} is read-only; studies need a writable database")
-    elif not os.access(p.parent, os.W_OK):
-        raise TuneError(f"storage {url}: directory {p.parent} is read-only; choose a writable location")
+        try:
+            open(p, "r+b").close()
+        except OSError as exc:
+            raise TuneError(f"storage {url}: {p} is read-only ({exc.strerror}); studies need a writable "
+                            "database") from None
+    # SQLite also writes its -wal and -shm files next to the database.
+    _check_writable_directory(url, p.parent)
+
+
+def _check_journal_path(url: str, path: Path) -> None:
+    if path.is_dir():
+        raise TuneError(f"storage {url}: {path} is a directory; give a file path such as journal:studies/x.journal")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuneError(f"storage {url}: cannot create directory {path.parent}: {exc.strerror}") from None
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                first = f.readline()
+            open(path, "ab").close()
+        except OSError as exc:
+            raise TuneError(f"storage {url}: cannot open {path} for appending: {exc.strerror}") from None
+        try:
+            ok = not first or isinstance(json.loads(first), dict)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise TuneError(f"storage {url}: {path} is not an Optuna journal file (a JSON line per operation); "
+                            "give a new or existing journal file")
+    # Optuna's file lock is a symlink created next to the journal.
+    _check_writable_directory(url, path.parent)
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
@@ -89,27 +136,58 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.st
         return storage
     url = storage
     if url.startswith("journal:") or url.endswith((".journal", ".log")):
-        path = url[len("journal:"):] if url.startswith("journal:") else url
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
+        _check_journal_path(url, path)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         try:
-            return JournalStorage(JournalFileBackend(path))
-        except OSError as exc:
-            raise TuneError(f"storage {url}: cannot open journal file: {exc.strerror or exc}") from None
+            return JournalStorage(JournalFileBackend(str(path)))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TuneError(f"storage {url}: cannot open the journal file: {reason}") from None
     if "://" not in url:
         raise TuneError(f"storage {url!r} is not a storage URL; accepted: sqlite:///PATH.db, journal:PATH, "
                         "postgresql://user@host/db or any SQLAlchemy URL Optuna accepts")
+    engine_kwargs = {}
+    shown = _without_password(url)
     if url.startswith("sqlite:///"):
         _check_sqlite_path(url)
+    elif url.startswith(("postgresql", "mysql")):
+        # Fail in seconds, not after the operating system's TCP timeout, when the server is unreachable.
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
     try:
-        rdb = optuna.storages.RDBStorage(url)
+        rdb = optuna.storages.RDBStorage(_with_installed_driver(url), engine_kwargs=engine_kwargs)
         if url.startswith("sqlite:///"):
             _fast_sqlite(rdb)
         return rdb
     except (sqlite3.DatabaseError, Exception) as exc:  # SQLAlchemy raises many types; all mean "unusable"
+        if isinstance(exc, ImportError):  # Optuna re-raises the driver's ModuleNotFoundError as ImportError
+            hint = "psycopg2-binary" if url.startswith("postgresql") else "the driver its SQLAlchemy URL names"
+            raise TuneError(f"storage {shown} needs its database driver, which is not installed: pip install "
+                            f"{hint}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TuneError(f"storage {url} cannot be opened: {first[:300]}") from None
+        raise TuneError(f"storage {shown} cannot be opened: {first[:300]}") from None
+
+
+def _without_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _with_installed_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a plain postgresql:// URL as psycopg 3; use psycopg2 (the ``test`` extra's
+    psycopg2-binary) when only that one is installed."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _fast_sqlite(rdb: optuna.storages.RDBStorage) -> None:
@@ -122,6 +200,9 @@ def _fast_sqlite(rdb: optuna.storages.RDBStorage) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # Another process writing (a second tune on the same file) makes this one wait, not fail with
+        # "database is locked"; several processes should still use journal:PATH (docs/operations.md).
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 
     event.listen(rdb.engine, "connect", on_connect)

@@ -1,90 +1,53 @@
 """tune(): resolve the model, open one Optuna study per batch size, search, and export SGLang/vLLM config files.
 
 The studies are searched in rounds, one trial per batch size per round, so what one batch size learns informs
-the others (search.py). On a GPU, the configs of a round compile in a worker pool (compile.py) while earlier
-ones are timed. Calling tune() again with the same arguments resumes the same studies: completed trials are
-reused and the trial budget counts across runs.
+the others (search.py). Every trial is claimed through coordination.py, so any number of processes (``n_workers``,
+or tunes on several hosts sharing a PostgreSQL storage) can search the same studies without duplicating configs
+or overrunning the budget, and the trials of a killed process are retried. On a GPU, configs compile ahead in a
+worker pool (compile.py) and are timed in an isolated process (isolation.py) that a crashing config cannot take
+down. Before export, the correctness guard (guard.py) runs each chosen config against the float64 reference.
+Calling tune() again with the same arguments resumes the same studies: completed trials are reused and the trial
+budget counts across runs.
 """
 
 from __future__ import annotations
 
-import math
-import signal
-import threading
+import numbers
+import os
+import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from . import space
+from .coordination import BUSY, DONE, Coordinator, config_of, is_counted, record
 from .errors import TuneError
+from .guard import apply_guard
 from .measure import Measurement
+from .notes import refresh_study_note
+from .result import TuneResult, summary_text
 from .samplers import make_sampler
 from .search import SearchState
-from .space import PARAM_NAMES, Config
+from .space import Config
 from .spec import ModelSpec
-from .notes import refresh_study_note
-from .study import (COMPILE_FAILURES, default_storage, open_storage, study_attrs, study_base_name,
-                    study_name)
+from .study import COMPILE_FAILURES, default_storage, open_storage, study_attrs, study_base_name, study_name
+from .workers import StopFlag, run_workers, worker_devices, workers_storage
 
 DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
 LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
-# The "error" of a trial that was asked but never measured (Ctrl-C, a crash): not counted, its config retried.
-INTERRUPTED = "Interrupted"
+MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
+BUSY_POLL_S = 0.5  # how often a process whose batch sizes all run elsewhere looks again
 
 
-@dataclass
-class TuneResult:
-    """What a tune found, per batch size M.
-
-    Attributes:
-        best: {M: config dict with the six keys} of the fastest measured config.
-        latency_us: {M: its latency}.
-        default_latency_us: {M: latency of SGLang's default config}, None where it was not measured.
-        files: {"sglang": path, "vllm": path} of the exported config files (empty if none were written).
-        storage: the Optuna storage (URL or object) holding the studies.
-        study_names: {M: study name}.
-        is_performance: False when the timings came from Triton's CPU interpreter.
-        spec: the (possibly scaled-down) spec that was tuned; None in replay mode without one.
-    """
-
-    best: dict[int, dict[str, int]]
-    latency_us: dict[int, float]
-    default_latency_us: dict[int, float | None]
-    files: dict[str, Path]
-    storage: Any
-    study_names: dict[int, str]
-    is_performance: bool
-    spec: ModelSpec | None
-    trials_used: dict[int, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-    interrupted: bool = False
-
-    def speedup(self) -> dict[int, float]:
-        """{M: default latency / tuned latency} where the default was measured."""
-        return {M: d / self.latency_us[M] for M, d in self.default_latency_us.items()
-                if d is not None and M in self.latency_us}
-
-    def geomean_speedup(self) -> float | None:
-        s = list(self.speedup().values())
-        return math.exp(sum(map(math.log, s)) / len(s)) if s else None
-
-    def trials_dataframe(self):
-        """All trials of all batch sizes as one pandas DataFrame, with a column M."""
-        import pandas as pd
-
-        storage = open_storage(self.storage) if isinstance(self.storage, str) else self.storage
-        frames = []
-        for M, name in sorted(self.study_names.items()):
-            df = optuna.load_study(study_name=name, storage=storage).trials_dataframe()
-            df.insert(0, "M", M)
-            frames.append(df)
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise TuneError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_batch_sizes(batch_sizes: Iterable[Any]) -> list[int]:
@@ -93,8 +56,9 @@ def _check_batch_sizes(batch_sizes: Iterable[Any]) -> list[int]:
         raise TuneError("batch_sizes is empty; give positive integers such as 1,16,64")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, str) and v.strip().isdigit()):
-            raise TuneError(f"batch size {v!r} is not an integer; batch sizes are positive integers")
+        text = v.strip() if isinstance(v, str) else None
+        if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or text and re.fullmatch(r"[+-]?\d+", text)):
+            raise TuneError(f"batch size {v!r} is not an integer; batch sizes are positive integers such as 1,16,64")
         m = int(v)
         if m < 1:
             raise TuneError(f"batch size {m} must be positive; batch sizes are integers >= 1")
@@ -112,40 +76,14 @@ def interpreter_spec(spec: ModelSpec) -> ModelSpec:
                         intermediate_size=128 * moe_tp, num_fused_shared_experts=0)
 
 
-def _is_compile_failure(error: str) -> bool:
-    return error.startswith(COMPILE_FAILURES)
-
-
-class _StopFlag:
-    """Ctrl-C sets the flag; the running trial finishes and the tune stops with everything kept."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._old = None
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nmoe-opt: stopping after the running trial (Ctrl-C again to abort now)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: int = 1, ep_size: int = 1,
          dtype: str | None = None, swiglu_limit: float | None = None, batch_sizes: Sequence[int] | None = None,
          n_trials: int | None = None, timeout_s: float | None = None, storage: Any = None,
          sampler: Any = None, seed: int | None = None, output_dir: str | Path | None = "moe_configs",
          warm_start: bool = True, tuned_config_dirs: Sequence[str | Path] = (), device: str | None = None,
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
+         measure_timeout_s: float = MEASURE_TIMEOUT_S, _worker: Any = None) -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     Args:
@@ -154,21 +92,27 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         tp_size, ep_size, dtype, swiglu_limit: passed to resolve_model with ``model``.
         batch_sizes: default SGLang's 18 (1 ... 4096); on the CPU interpreter (1, 8, 32); in replay mode the
             table's batch sizes.
-        n_trials: configurations measured per batch size, failures included, counted across resumed runs
-            (default 48; 4 on the interpreter; the whole grid with sampler="grid").
+        n_trials: configurations measured per batch size, failures included, counted across resumed runs and
+            shared by all workers (default 48; 4 on the interpreter; the whole grid with sampler="grid").
         timeout_s: stop after this many seconds, keeping everything.
-        storage: Optuna storage URL or object; default ``sqlite:///studies/<model-slug>.db``.
+        storage: Optuna storage URL or object; default ``sqlite:///studies/<model-slug>.db``, or
+            ``journal:studies/<model-slug>.journal`` with n_workers > 1 (docs/operations.md).
         sampler: "moe" (default), "tpe", "random", "grid" (exhaustive), or an Optuna sampler.
         seed: seed of the sampler.
         output_dir: where config files go (SGLang layout ``configs/triton_X_Y_Z/`` and vLLM files side by
-            side); None to skip export.
+            side); None to skip export. Batch sizes an existing file holds and this run has no result for are kept.
         warm_start: first measure SGLang's default config, existing tuned configs for the shape (found in
             ``tuned_config_dirs`` and output_dir) and the best configs of already-tuned batch sizes.
         device: CUDA device ("cuda:0"); default the current one, or the interpreter when no GPU exists.
         replay: a recorded table (CSV) to take every measurement from instead of the GPU.
         measurer: any object with ``measure(config, M) -> Measurement`` (advanced; overrides the above).
-        compile_workers: processes compiling configs ahead of timing on the GPU (default: CPU cores - 1).
-        progress: show a progress bar.
+        compile_workers: processes compiling configs ahead of timing on the GPU (default: CPU cores - 2,
+            shared out among the workers).
+        progress: show a progress bar and the summary.
+        n_workers: processes searching the studies together, one per GPU (docs/operations.md).
+        guard: check each config against the float64 reference before export (guard.py); False to skip; or a
+            function ``config -> relative error`` used instead of running the kernel.
+        measure_timeout_s: on the GPU, a measurement that takes longer fails as "Timeout: ..." (isolation.py).
 
     Returns:
         TuneResult.
@@ -182,10 +126,11 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say what matters
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise TuneError(f"n_trials must be an integer >= 1, got {n_trials!r}")
-    table_name = None
-    table_meta: dict[str, Any] = {}
+    if n_trials is not None:
+        _check_count("n_trials", n_trials)
+    _check_count("n_workers", n_workers)
+    parallel = n_workers > 1 and _worker is None
+    progress = progress and _worker is None
     if spec is None and model is not None:
         from .models import resolve_model
 
@@ -198,30 +143,33 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                             f"does not implement (supported: {', '.join(SUPPORTED_ACTIVATIONS)}); tuning it would "
                             "time the wrong computation")
 
-    # The measurer: a recorded table, the GPU, or the interpreter.
+    # The measurer: a recorded table, the GPU (in an isolated process), or the interpreter.
     import torch
     import triton
 
     triton_version = triton.__version__
-    pool = None
-    if measurer is None and replay is not None:
+    table, table_name, table_meta, owned = None, None, {}, None
+    devices: list[str | None] = [None] * n_workers  # the CUDA_VISIBLE_DEVICES entry of each worker
+    if replay is not None:
         from .table import ReplayTable
 
-        measurer = ReplayTable(replay)
-        table_name = Path(replay).stem
-        table_meta = measurer.metadata()
+        table = ReplayTable(replay)
+        table_name, table_meta = Path(replay).stem, table.metadata()
         if spec is None and table_meta.get("spec"):
             spec = ModelSpec.from_dict(table_meta["spec"])
         triton_version = table_meta.get("triton", triton_version)
         if batch_sizes is None:
-            batch_sizes = measurer.batch_sizes
+            batch_sizes = table.batch_sizes
+        measurer = table if measurer is None else measurer
     elif measurer is None:
         if spec is None:
             raise TuneError("give a model, a spec, or a replay table")
         if torch.cuda.is_available():
-            from .measure import CudaGraphTimer
+            if parallel:
+                devices = worker_devices(n_workers, device)
+            from .isolation import isolated_cuda_graph_timer
 
-            measurer = CudaGraphTimer(spec, device or "cuda")
+            measurer = owned = isolated_cuda_graph_timer(spec, "cuda:0" if parallel else device, measure_timeout_s)
         else:
             from .measure import InterpreterTimer
 
@@ -235,27 +183,34 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                 print(f"moe-opt: no GPU found; running Triton's CPU interpreter on a scaled-down shape ({spec}). "
                       "Timings are wall-clock interpreter times, NOT performance numbers.", flush=True)
     batch_sizes = _check_batch_sizes(batch_sizes if batch_sizes is not None else space.DEFAULT_BATCH_SIZES)
-    device_name = getattr(measurer, "device_name", "unknown")
-    if table_meta.get("device"):
-        device_name = table_meta["device"]
+    if table is not None:
+        missing = [M for M in batch_sizes if M not in table.entries]
+        if missing:
+            raise TuneError(f"replay table {Path(replay).name} has no rows for batch size {missing[0]}; it has "
+                            f"{', '.join(map(str, table.batch_sizes))}")
+    device_name = table_meta.get("device") or getattr(measurer, "device_name", "unknown")
     is_performance = bool(getattr(measurer, "is_performance", True))
 
     # Candidates: the grid, with block quantization's BLOCK_SIZE_K rule and the shared-memory estimate.
     block_k = spec.block_shape[1] if spec is not None and spec.block_shape else None
-    if spec is None and replay is not None:
-        block_k = max(c.BLOCK_SIZE_K for M in batch_sizes for c in measurer.configs(M)) if all(
-            M in measurer.entries for M in batch_sizes) else None
+    if spec is None and table is not None:
+        block_k = max(c.BLOCK_SIZE_K for M in batch_sizes for c in table.configs(M))
     operand_bytes = 1 if spec is not None and spec.dtype == "fp8_w8a8" else 2
     smem = getattr(measurer, "shared_memory_bytes", space.H100_SHARED_MEMORY_BYTES)
-    candidates = [c for c in space.grid(block_k) if space.fits_shared_memory(c, operand_bytes, operand_bytes, smem)]
+    # The exhaustive grid keeps every config (rejected ones are recorded as failures, so a recorded table is whole).
+    candidates = [c for c in space.grid(block_k)
+                  if sampler == "grid" or space.fits_shared_memory(c, operand_bytes, operand_bytes, smem)]
     choices = dict(space.iter_choices(block_k))
     if n_trials is None:
         n_trials = len(space.grid(block_k)) if sampler == "grid" else DEFAULT_N_TRIALS
 
     # Storage and studies.
+    if parallel:
+        storage = workers_storage(storage, default_storage(spec, table_name, journal=True), n_workers, progress)
     storage_arg = storage if storage is not None else default_storage(spec, table_name)
     store = open_storage(storage_arg)
     base = study_base_name(spec, device_name, triton_version, table_name)
+    coord = Coordinator(store, storage_arg, base, device=device)
     state = SearchState(candidates)
     studies: dict[int, optuna.Study] = {}
     samplers = {}
@@ -274,124 +229,138 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         studies[M] = study
-        _load_history(study, M, state)
+        coord.reap(study)  # trials of killed processes: failed and re-enqueued before the warm start
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if is_counted(t):
+                record(state, M, t)
 
     defaults = {M: space.default_config(M, spec.E if spec else 256, spec.dtype if spec else None,
                                         spec.block_shape if spec else None) for M in batch_sizes}
-    if warm_start:
+    if warm_start and _worker is None:
         from .warm_start import enqueue_warm_start
 
-        enqueue_warm_start(studies, state, defaults, spec, device_name, list(tuned_config_dirs) + (
-            [output_dir] if output_dir is not None else []))
+        try:
+            enqueue_warm_start(studies, state, defaults, spec, device_name, list(tuned_config_dirs) + (
+                [output_dir] if output_dir is not None else []), n_trials=n_trials)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted during the warm start; nothing was measured or exported; run the "
+                                    "same command again to resume") from None
 
-    if pool is None and type(measurer).__name__ == "CudaGraphTimer":
-        from .compile import CompilePool
-
-        pool = CompilePool(spec, workers=compile_workers, device=str(measurer.device))
     try:
-        interrupted = _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress,
-                              defaults)
+        worker_errors: list[str] = []
+        if parallel:
+            if compile_workers is None:
+                compile_workers = max(1, ((os.cpu_count() or 2) - n_workers) // n_workers - 1)
+            own = measurer is table or measurer is owned  # workers build their own
+            kwargs = dict(spec=spec, replay=replay, measurer=None if own else measurer, batch_sizes=batch_sizes,
+                          n_trials=n_trials, timeout_s=timeout_s, storage=storage_arg, sampler=sampler, seed=seed,
+                          compile_workers=compile_workers, measure_timeout_s=measure_timeout_s, warm_start=False,
+                          output_dir=None, progress=False)
+            interrupted, worker_errors = run_workers(kwargs, n_workers, devices, studies, n_trials, progress)
+        else:
+            interrupted = _run_search(studies, samplers, state, measurer, n_trials, timeout_s, started, progress,
+                                      defaults, choices, coord, spec, device, compile_workers, _worker)
+        if _worker is not None:
+            return None  # the tuning process that started this worker collects, checks and exports
+        result = _collect(studies, defaults, measurer, storage_arg, spec, is_performance, started, interrupted)
+        result.worker_errors = worker_errors
+        apply_guard(result, studies, measurer, spec, guard, replay_mode=replay is not None)
+        _export(result, spec, output_dir, device_name, triton_version)
     finally:
-        if pool is not None:
-            pool.close()
-
-    result = _collect(studies, defaults, measurer, storage_arg, spec, is_performance, started, interrupted)
-    if output_dir is not None and spec is not None and result.best:
-        from .export import write_sglang, write_vllm
-
-        configs = {M: Config.from_dict(c) for M, c in result.best.items()}
-        result.files["sglang"] = write_sglang(spec, configs, output_dir, device_name=device_name,
-                                              triton_version=triton_version)
-        result.files["vllm"] = write_vllm(spec, configs, output_dir, device_name=device_name,
-                                          triton_version=triton_version)
+        if owned is not None:
+            owned.close()
     if progress:
         print(summary_text(result), flush=True)
     return result
 
 
-def _config_of(trial: optuna.trial.FrozenTrial) -> Config | None:
+def _run_search(studies, samplers, state, measurer, n_trials, timeout_s, started, progress, defaults, choices,
+                coord, spec, device, compile_workers, worker) -> bool:
+    pool = None
+    if type(measurer).__name__ == "CudaGraphTimer" or getattr(measurer, "kind", None) == "CudaGraphTimer":
+        from .compile import CompilePool
+
+        pool = CompilePool(spec, workers=compile_workers, device=device or "cuda")
     try:
-        return Config(*(int(trial.params[p]) for p in PARAM_NAMES))
-    except (KeyError, ValueError):
-        return None
+        return _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress, defaults,
+                       choices, coord, stop=worker.stop if worker is not None else None)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
-def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials that count against the budget: measured or failed, not interrupted before measuring."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            if not str(t.user_attrs.get("error", "")).startswith(INTERRUPTED)]
+def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress, defaults, choices,
+            coord, stop=None) -> bool:
+    """Round-robin over batch sizes until every study has n_trials counted trials, time runs out, or Ctrl-C.
 
-
-def _load_history(study: optuna.Study, M: int, state: SearchState) -> None:
-    """Feed a resumed study's finished trials into the shared search state."""
-    for t in _counted(study):
-        config = _config_of(t)
-        if config is None:
-            continue
-        if t.state == TrialState.COMPLETE:
-            state.record(M, config, float(t.value))
-        else:
-            error = str(t.user_attrs.get("error", ""))
-            state.record(M, config, None, compile_failure=_is_compile_failure(error))
-
-
-def _finished(study: optuna.Study) -> int:
-    return len(_counted(study))
-
-
-def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress, defaults) -> bool:
-    """Round-robin over batch sizes until every study has n_trials finished trials, time runs out, or Ctrl-C.
-
-    Returns whether the search was interrupted.
+    Each trial is claimed through the coordinator (shared budget, no config twice, stale trials retried), so
+    this loop runs the same alone or as one of many workers. Returns whether the search was interrupted.
     """
     from .progress import Progress
 
-    choices = dict(space.iter_choices())
-    total = {M: _finished(s) for M, s in studies.items()}
     bar = Progress(studies, n_trials, defaults, enabled=progress)
-    with _StopFlag() as flag:
-        while not flag.stop:
-            if timeout_s is not None and time.perf_counter() - started > timeout_s:
-                break
-            asked = []
-            for M, study in studies.items():
-                if total[M] >= n_trials:
-                    continue
-                trial = study.ask()
-                config = Config(*(int(trial.suggest_categorical(p, getattr(samplers[M], "choices", choices)[p]))
-                                  for p in PARAM_NAMES))
-                asked.append((M, study, trial, config))
-            if not asked:
-                break
+    done: set[int] = set()
+    measured_here: set[int] = set()
+
+    def out_of_time() -> bool:
+        return timeout_s is not None and time.perf_counter() - started > timeout_s
+
+    with StopFlag(external=stop, install=stop is None) as flag, coord.heartbeat():
+        while not flag.stop and len(done) < len(studies) and not out_of_time():
             if pool is not None:
-                # Compile the round's configs in parallel, then what the search will likely ask next, while
-                # the GPU times this round.
-                pool.ensure(c for _, _, _, c in asked)
-                pool.ensure((c for M in studies for c in state.lookahead(M, LOOKAHEAD)), speculative=True)
-            for i, (M, study, trial, config) in enumerate(asked):
-                if flag.stop:
-                    # Asked but never measured: closed as failed, marked so they are retried, not counted.
-                    for _, study2, trial2, _ in asked[i:]:
-                        trial2.set_user_attr("error", f"{INTERRUPTED}: stopped before it was measured")
-                        study2.tell(trial2, state=TrialState.FAIL)
-                    break
-                m = _measure(measurer, pool, config, M)
-                _tell(study, trial, config, m, state, M)
-                pending = getattr(samplers[M], "pending", None)
-                if pending is not None:
-                    pending.discard(config)
-                total[M] += 1
-                bar.update(M, config, m)
-                if total[M] == n_trials:
-                    refresh_study_note(study)  # this batch size is done: its dashboard note is final
+                # Compile what each batch size will likely run next while the GPU times this round.
+                open_ms = [M for M in studies if M not in done]
+                queued = (config_of(t) for M in open_ms
+                          for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                pool.ensure(c for c in queued if c is not None)
+                pool.ensure(c for M in open_ms for c in state.lookahead(M, 1))
+                pool.ensure((c for M in open_ms for c in state.lookahead(M, LOOKAHEAD)), speculative=True)
+            claimed = busy = False
+            for M, study in studies.items():
+                if M in done or flag.stop or out_of_time():
+                    continue
+                claim = coord.claim(study, M, samplers[M], state, n_trials,
+                                    getattr(samplers[M], "choices", choices))
+                if claim == DONE:
+                    done.add(M)
+                    if M in measured_here:
+                        refresh_study_note(study)  # this batch size is done: its dashboard note is final
+                    continue
+                if claim == BUSY:
+                    busy = True
+                    continue
+                trial, config = claim
+                claimed = True
+                m = _measure_claimed(coord, study, trial, measurer, pool, config, M)
+                if _tell(study, trial, config, m, state, M):
+                    measured_here.add(M)
+                    bar.update(M, config, m)
+            if busy and not claimed:
+                time.sleep(BUSY_POLL_S)  # the last trials run in other processes; they may finish or go stale
     bar.close()
     return flag.stop
 
 
+def _measure_claimed(coord, study, trial, measurer, pool, config: Config, M: int) -> Measurement:
+    coord.running(study, trial)
+    try:
+        return _measure(measurer, pool, config, M)
+    except BaseException:  # Ctrl-C twice, or an error: the trial is retried by the next run, not left RUNNING
+        coord.release(study, trial._trial_id, trial.params, trial.number, "stopped while it was measured")
+        raise
+    finally:
+        coord.running(None, None)
+
+
 def _measure(measurer, pool, config: Config, M: int) -> Measurement:
     if pool is not None:
-        failure = pool.result(config)
-        if failure is not None:
+        try:
+            failure = pool.result(config)
+        except Exception:  # a broken compile pool (a compiler crash): the measurer compiles the config itself
+            failure = None
+        # Only a compile failure is the pool's to report: a launch error there (a compile worker whose CUDA
+        # context an earlier config broke) is retried by the measurer.
+        if failure is not None and failure.startswith(COMPILE_FAILURES):
             return Measurement(None, failure)
     try:
         return measurer.measure(config, M)
@@ -404,30 +373,45 @@ def _measure(measurer, pool, config: Config, M: int) -> Measurement:
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measurement, state: SearchState,
-          M: int) -> None:
-    for key, value in m.attrs.items():
-        trial.set_user_attr(key, value)
+          M: int) -> bool:
+    """Record a measurement; False if another process failed the trial meanwhile (its heartbeat looked stale:
+    the config is retried, this measurement dropped)."""
+    try:
+        for key, value in m.attrs.items():
+            trial.set_user_attr(key, value)
+        if m.ok:
+            study.tell(trial, m.latency_us)
+        else:
+            trial.set_user_attr("error", m.error)
+            study.tell(trial, state=TrialState.FAIL)
+    except (UpdateFinishedTrialError, ValueError):
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            raise
+        print(f"moe-opt: trial {trial.number} (M={M}) was failed by another process meanwhile; its config is "
+              "retried and this measurement dropped", flush=True)
+        return False
     if m.ok:
-        study.tell(trial, m.latency_us)
         state.record(M, config, m.latency_us)
     else:
-        trial.set_user_attr("error", m.error)
-        study.tell(trial, state=TrialState.FAIL)
-        state.record(M, config, None, compile_failure=_is_compile_failure(m.error or ""))
+        state.record(M, config, None, compile_failure=(m.error or "").startswith(COMPILE_FAILURES))
+    return True
 
 
 def _collect(studies, defaults, measurer, storage_arg, spec, is_performance, started, interrupted) -> TuneResult:
     best, latency, default_latency, used, names = {}, {}, {}, {}, {}
     for M, study in studies.items():
         names[M] = study.study_name
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        used[M] = _finished(study)
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        used[M] = sum(map(is_counted, trials))
         default_latency[M] = study.user_attrs.get("default_latency_us")
         for t in complete:
-            if _config_of(t) == defaults[M]:
+            if config_of(t) == defaults[M]:
                 default_latency[M] = float(t.value)
-        if default_latency[M] is None:
+        tried = any(config_of(t) == defaults[M] for t in trials if is_counted(t))
+        if default_latency[M] is None and measurer is not None and not tried:
             # The default lies outside the search space (or warm start was off): time it apart from the budget.
+            # (A default that failed as a trial is not tried again: it may crash or hang the measurer.)
             m = _measure(measurer, None, defaults[M], M)
             if m.ok:
                 default_latency[M] = m.latency_us
@@ -436,25 +420,31 @@ def _collect(studies, defaults, measurer, storage_arg, spec, is_performance, sta
         refresh_study_note(study)
         if complete:
             top = min(complete, key=lambda t: t.value)
-            best[M] = _config_of(top).to_dict()
+            best[M] = config_of(top).to_dict()
             latency[M] = float(top.value)
     return TuneResult(best, latency, default_latency, {}, storage_arg, names, is_performance, spec, used,
                       time.perf_counter() - started, interrupted)
 
 
-def summary_text(result: TuneResult) -> str:
-    """A short table: batch size, tuned config, latency, SGLang default latency, speedup."""
-    lines = [f"{'M':>6}  {'best config':28s} {'us':>10} {'default us':>11} {'speedup':>8} {'trials':>6}"]
-    for M in sorted(result.best):
-        d = result.default_latency_us.get(M)
-        lines.append(f"{M:>6}  {str(Config.from_dict(result.best[M])):28s} {result.latency_us[M]:>10.2f} "
-                     f"{d if d is not None else float('nan'):>11.2f} "
-                     f"{(d / result.latency_us[M]) if d else float('nan'):>7.3f}x {result.trials_used.get(M, 0):>6}")
-    g = result.geomean_speedup()
-    lines.append(f"geometric-mean speedup over SGLang's default: {g:.3f}x" if g else "default config not measured")
-    if not result.is_performance:
-        lines.append("NOTE: timings from Triton's CPU interpreter; they are not performance numbers.")
-    for kind, path in result.files.items():
-        lines.append(f"wrote {kind}: {path}")
-    lines.append(f"wall time {result.wall_s:.1f} s" + (" (interrupted)" if result.interrupted else ""))
-    return "\n".join(lines)
+def _export(result: TuneResult, spec, output_dir, device_name: str, triton_version: str) -> None:
+    """Write the files of result.best; batch sizes an older file holds and this run has no result for are kept,
+    so a file is only ever replaced by a whole one (atomically: export.py)."""
+    if output_dir is None or spec is None or not result.best:
+        return
+    from .export import export_paths, load_tuned_configs, write_sglang, write_vllm
+
+    configs = {M: Config.from_dict(c) for M, c in result.best.items()}
+    older_path = export_paths(spec, output_dir, device_name=device_name, triton_version=triton_version)["sglang"]
+    if older_path.exists():
+        # A file is replaced only by a whole one: batch sizes this run has no result for keep their entries.
+        try:
+            kept = {M: c for M, c in load_tuned_configs(older_path).items() if M not in configs}
+        except TuneError:
+            kept = {}
+        if kept:
+            result.notes.append(f"kept M={','.join(map(str, sorted(kept)))} from the existing {older_path.name} "
+                                "(no result for them in this run)")
+            configs = {**kept, **configs}
+    kwargs = dict(device_name=device_name, triton_version=triton_version)
+    result.files["sglang"] = write_sglang(spec, configs, output_dir, **kwargs)
+    result.files["vllm"] = write_vllm(spec, configs, output_dir, **kwargs)

@@ -13,10 +13,21 @@ from typing import Sequence
 import optuna
 
 from .search import SearchState
-from .space import Config
+from .space import PARAM_NAMES, Config
 from .spec import ModelSpec
 
 NEAREST_BEST = 2  # best configs taken from each of the nearest already-tuned batch sizes
+
+
+def snap_to_space(config: Config, candidates: Sequence[Config]) -> Config | None:
+    """The candidate nearest to ``config`` (fewest steps in log2 terms), e.g. SGLang's bf16 default with
+    BLOCK_SIZE_K 32 and GROUP_SIZE_M 8, which lie outside the search space, becomes K64 G16."""
+    import math
+
+    def distance(c: Config) -> float:
+        return sum(abs(math.log2(getattr(c, p)) - math.log2(getattr(config, p))) for p in PARAM_NAMES)
+
+    return min(candidates, key=distance) if candidates else None
 
 
 def _nearest(M: int, tuned: Sequence[int]) -> list[int]:
@@ -24,8 +35,9 @@ def _nearest(M: int, tuned: Sequence[int]) -> list[int]:
 
 
 def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, defaults: dict[int, Config],
-                       spec: ModelSpec | None, device_name: str, config_dirs: Sequence[str | Path]) -> None:
-    """Enqueue warm-start configs into studies that have not measured them yet."""
+                       spec: ModelSpec | None, device_name: str, config_dirs: Sequence[str | Path], *,
+                       n_trials: int) -> None:
+    """Enqueue warm-start configs into studies that have not measured them yet, within their trial budget."""
     existing: dict[int, Config] = {}
     if spec is not None and config_dirs:
         from .export import find_tuned_config_files, load_tuned_configs
@@ -40,15 +52,21 @@ def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, def
     tuned = [m for m, results in state.measured.items() if results]
     allowed = set(state.candidates)
     for M, study in studies.items():
-        seeds = [defaults[M]]
+        # The default starts the search; where it lies outside the space, its nearest neighbour inside does.
+        seeds = [defaults[M] if defaults[M] in allowed else snap_to_space(defaults[M], state.candidates)]
         if existing:
             nearest_file_m = min(existing, key=lambda m: abs(m - M))
             seeds.append(existing[nearest_file_m])
         for m in _nearest(M, tuned):
             seeds += sorted(state.measured[m], key=state.measured[m].get)[:NEAREST_BEST]
         tried = state.tried(M)
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
+        room = n_trials - len(finished) - len(waiting)
         queued = set()
         for config in seeds:
+            if len(queued) >= room:
+                break
             # Configs outside the search space (SGLang's bf16 default has BLOCK_SIZE_K 32) can't be trials.
             if config in tried or config in queued or config not in allowed:
                 continue

@@ -1,0 +1,385 @@
+"""Several processes on one set of studies: who runs which trial, what happens to the trials of a dead process.
+
+Every trial is claimed under a lock that all processes tuning the same studies share (a file lock next to a
+SQLite or journal file, an advisory lock on PostgreSQL/MySQL). Under the lock a process reads the study, learns
+what the others measured and are measuring, fails the trials of processes that are gone, checks the shared
+trial budget, and only then asks Optuna for a trial. So two processes never run the same config at one batch
+size, and together they run exactly ``n_trials`` counted trials per batch size.
+
+A claimed trial carries who runs it (host, boot, pid namespace, pid and the process's start time) and a heartbeat
+that a thread refreshes while the trial runs. A RUNNING trial is stale when its process is gone (same host: the
+pid no longer names the same process) or its heartbeat is older than ``STALE_AFTER_S`` (other hosts). A stale
+trial is failed with ``"Interrupted: ..."`` (not counted) and its config enqueued, so it is retried first.
+
+Optuna's own heartbeat (RDBStorage(heartbeat_interval=...)) is not used: it only exists for RDB storages, is
+only automatic inside Study.optimize, and cannot tell at once that a process on the same host is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from .search import SearchState
+from .space import PARAM_NAMES, Config
+from .study import COMPILE_FAILURES, INTERRUPTED
+
+WORKER_KEY = "moe_opt:worker"  # trial system attribute: who runs the trial
+HEARTBEAT_KEY = "moe_opt:heartbeat"  # trial system attribute: time.time() of the last sign of life
+HEARTBEAT_INTERVAL_S = 10.0
+STALE_AFTER_S = 120.0  # a trial of another host with no heartbeat for this long is failed and retried
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The start time of a process in clock ticks since boot (/proc/PID/stat field 22); "" where unknown."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    """Who runs a trial. Two ids are on the same machine when host, boot and pid namespace agree; then the pid
+    and its start time tell whether the process still lives (a reused pid has another start time)."""
+
+    host: str
+    boot: str
+    pidns: str
+    pid: int
+    start: str
+    device: str | None = None
+
+    @classmethod
+    def current(cls, device: str | None = None) -> "WorkerId":
+        pidns = ""
+        with contextlib.suppress(OSError):
+            pidns = os.readlink("/proc/self/ns/pid")
+        return cls(socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), pidns, os.getpid(),
+                   _process_start(os.getpid()), device)
+
+    def same_machine(self, other: dict) -> bool:
+        return (other.get("host"), other.get("boot"), other.get("pidns")) == (self.host, self.boot, self.pidns)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` runs on this machine and is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return not start or _process_start(pid) in ("", start)
+
+
+# --- The lock under which trials are claimed ---------------------------------------------------------------
+
+class _FileLock:
+    """flock on a file next to the storage: held by one process at a time, released by the kernel if the
+    holder dies. (Never lock the SQLite file itself: closing any descriptor of it drops SQLite's own locks.)"""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+class _SqlLock:
+    """A named server-side lock (PostgreSQL advisory lock, MySQL GET_LOCK) on a connection of its own; the
+    server releases it when that connection closes, so a dead holder cannot keep it."""
+
+    QUERIES = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+               "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)")}
+
+    def __init__(self, engine, name: str):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        # PostgreSQL advisory locks take a signed 64-bit key; MySQL lock names are at most 64 characters.
+        digest = hashlib.sha1(name.encode()).digest()
+        self.params = {"key": int.from_bytes(digest[:8], "big", signed=True), "name": digest.hex()[:40]}
+        self._thread_lock = threading.Lock()
+        self._conn = None
+
+    def _execute(self, query: str) -> None:
+        from sqlalchemy import text
+
+        if self._conn is None:
+            self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._conn.execute(text(query), self.params).fetchall()
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            try:
+                self._execute(self.QUERIES[self.dialect][0])
+            except Exception:  # a dropped connection: one new one, then give up
+                self._conn = None
+                self._execute(self.QUERIES[self.dialect][0])
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._execute(self.QUERIES[self.dialect][1])
+        except Exception:
+            self._conn = None  # closing the connection releases the lock
+        finally:
+            self._thread_lock.release()
+
+
+def claim_lock(storage_arg: Any, store: optuna.storages.BaseStorage, name: str):
+    """The lock shared by every process that tunes the studies ``name`` in this storage."""
+    url = storage_arg if isinstance(storage_arg, str) else None
+    if url is not None and (url.startswith("journal:") or url.endswith((".journal", ".log"))):
+        path = Path(url[len("journal:"):] if url.startswith("journal:") else url)
+        return _FileLock(path.with_name(path.name + ".moe_opt.lock"))
+    if isinstance(store, optuna.storages.RDBStorage):
+        dialect = store.engine.dialect.name
+        if dialect in _SqlLock.QUERIES:
+            return _SqlLock(store.engine, name)
+        database = store.engine.url.database
+        if dialect == "sqlite" and database and database != ":memory:":
+            return _FileLock(Path(database).with_name(Path(database).name + ".moe_opt.lock"))
+    return _ThreadLock()
+
+
+class _ThreadLock:
+    """In-memory storages and unknown backends: one process only (documented in docs/operations.md)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+# --- Claiming trials ------------------------------------------------------------------------------------------
+
+def config_of(trial: FrozenTrial) -> Config | None:
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    try:
+        return Config(*(int(params[p]) for p in PARAM_NAMES))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("error", "")).startswith(INTERRUPTED)
+
+
+def is_counted(trial: FrozenTrial) -> bool:
+    """Measured, or failed for a reason of its own; not interrupted before measuring. A COMPLETE trial always
+    counts, even if a reaper wrote an "Interrupted" error on it just before its owner told the result."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and not is_interrupted(trial))
+
+
+def record(state: SearchState, M: int, trial: FrozenTrial) -> None:
+    """Feed one counted trial into the shared search state (idempotent)."""
+    config = config_of(trial)
+    if config is None:
+        return
+    if trial.state == TrialState.COMPLETE:
+        state.record(M, config, float(trial.value))
+    else:
+        error = str(trial.user_attrs.get("error", ""))
+        state.record(M, config, None, compile_failure=error.startswith(COMPILE_FAILURES))
+
+
+DONE, BUSY = "done", "busy"  # claim() outcomes besides a trial: budget used up; the rest is running elsewhere
+
+
+class Coordinator:
+    """Claims trials for one process, keeps their heartbeat, and fails the trials of processes that are gone.
+
+    Example:
+        >>> coord = Coordinator(store, "sqlite:///studies/x.db", base)  # doctest: +SKIP
+        >>> with coord.heartbeat():  # doctest: +SKIP
+        ...     claim = coord.claim(study, 64, sampler, state, n_trials=48, choices=choices)
+    """
+
+    def __init__(self, store: optuna.storages.BaseStorage, storage_arg: Any, name: str, *,
+                 device: str | None = None, stale_after_s: float = STALE_AFTER_S,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.lock = claim_lock(storage_arg, store, name)
+        self.me = WorkerId.current(device)
+        self.stale_after_s = stale_after_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._running: tuple[Any, int] | None = None  # (storage, trial_id) of the trial being measured
+        self._recorded: dict[str, set[int]] = {}  # per study, the trials already fed to the search state
+        self._beat_lock = threading.Lock()
+
+    # Heartbeats.
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """A thread that refreshes the heartbeat of the trial being measured, for the duration of the block."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_interval_s):
+                with self._beat_lock:
+                    running = self._running
+                if running is None:
+                    continue
+                with contextlib.suppress(Exception):  # finished meanwhile, or the storage is briefly away
+                    running[0].set_trial_system_attr(running[1], HEARTBEAT_KEY, time.time())
+
+        thread = threading.Thread(target=beat, name="moe-opt-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def running(self, study: optuna.Study | None, trial: optuna.Trial | None) -> None:
+        with self._beat_lock:
+            self._running = None if trial is None else (study._storage, trial._trial_id)
+
+    # Stale trials.
+    def stale_reason(self, trial: FrozenTrial, now: float) -> str | None:
+        """Why a RUNNING trial's process is gone, or None while it may still run."""
+        who = trial.system_attrs.get(WORKER_KEY) or {}
+        name = f"{who.get('host', '?')}:{who.get('pid', '?')}"
+        if who and self.me.same_machine(who):
+            if who.get("pid") == self.me.pid and who.get("start") == self.me.start:
+                return None  # this process's own
+            return None if process_alive(int(who["pid"]), who.get("start")) else f"worker {name} is gone"
+        last = trial.system_attrs.get(HEARTBEAT_KEY, who.get("time"))
+        if last is None and trial.datetime_start is not None:
+            last = trial.datetime_start.timestamp()  # started by something that keeps no heartbeat
+        if last is not None and now - float(last) > self.stale_after_s:
+            return f"no heartbeat from worker {name} for {now - float(last):.0f} s"
+        return None
+
+    def release(self, study: optuna.Study, trial_id: int, params: dict, number: int, why: str) -> bool:
+        """Fail a trial as interrupted and enqueue its config to be retried first; False if it had finished."""
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}; its config is retried")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return False  # its owner told the result first, or another process failed it already
+        if len(params) == len(PARAM_NAMES):
+            study.enqueue_trial(dict(params), user_attrs={"retry_of": number}, skip_if_exists=False)
+        return True
+
+    # Claims.
+    def claim(self, study: optuna.Study, M: int, sampler: Any, state: SearchState, n_trials: int,
+              choices: dict) -> tuple[optuna.Trial, Config] | str:
+        """Under the shared lock: learn the study's trials, fail stale ones, then ask for a trial if the budget
+        allows. Returns (trial, config), DONE (n_trials counted) or BUSY (the rest runs in other processes)."""
+        with self.lock:
+            for _ in range(len(state.candidates) + 1):
+                result = self._claim_once(study, M, sampler, state, n_trials, choices)
+                if result is not None:
+                    return result
+            return BUSY
+
+    def reap(self, study: optuna.Study) -> None:
+        """Fail the stale trials of a study now (a tune does this first, so their retries come first)."""
+        with self.lock:
+            self._scan(study, None, None)
+
+    def _scan(self, study, M, state) -> tuple[int, int, dict[Config, int], dict[int, Config]]:
+        """(counted trials, live running trials, {running config: trial number}, {waiting trial number: config});
+        stale trials are failed on the way and counted trials recorded in the search state."""
+        now = time.time()
+        counted, n_running, running, waiting = 0, 0, {}, {}
+        recorded = self._recorded.setdefault(study.study_name, set())
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.RUNNING:
+                why = self.stale_reason(t, now)
+                if why is not None:
+                    self.release(study, t._trial_id, t.params, t.number, why)
+                    continue
+                n_running += 1
+                config = config_of(t)
+                if config is not None:
+                    running[config] = t.number
+            elif t.state == TrialState.WAITING:
+                config = config_of(t)
+                if config is not None:
+                    waiting[t.number] = config
+            elif is_counted(t):
+                counted += 1
+                if state is not None and t.number not in recorded:
+                    record(state, M, t)
+                    recorded.add(t.number)
+        return counted, n_running, running, waiting
+
+    def _claim_once(self, study, M, sampler, state, n_trials, choices):
+        now = time.time()
+        counted, n_running, running, waiting = self._scan(study, M, state)
+        if counted >= n_trials:
+            return DONE
+        if counted + n_running >= n_trials:
+            return BUSY
+        exhausted = getattr(sampler, "exhausted", None)
+        if not waiting and exhausted is not None and exhausted(set(running)):
+            return BUSY if n_running else DONE
+        if hasattr(sampler, "elsewhere"):
+            sampler.elsewhere = set(running) | set(waiting.values())
+        trial = study.ask()
+        config = Config(*(int(trial.suggest_categorical(p, choices[p])) for p in PARAM_NAMES))
+        pending = getattr(sampler, "pending", None)
+        if pending is not None:
+            pending.discard(config)
+        enqueued = trial.number in waiting  # Optuna pops queued trials first
+        if config in running or (enqueued and config in state.tried(M)):
+            taken = f"trial {running[config]} runs it" if config in running else "it was tried already"
+            trial.set_user_attr("error", f"{INTERRUPTED}: duplicate config ({taken})")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
+        return trial, config
+
+
+def worker_of(trial: FrozenTrial) -> str | None:
+    """"host:pid" of the process that ran a trial, if moe_opt recorded it."""
+    who = trial.system_attrs.get(WORKER_KEY)
+    return f"{who['host']}:{who['pid']}" if who else None

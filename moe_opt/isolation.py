@@ -1,0 +1,242 @@
+"""Measure in a child process, so a config that crashes the CUDA context or hangs fails alone.
+
+An illegal memory access poisons the CUDA context for good, a segfault in a driver ends the process, a deadlocked
+kernel never returns: none of these may end the study. :class:`IsolatedMeasurer` builds the real measurer in a
+child process and sends it one config at a time. When the child dies, the config is recorded as
+``"WorkerCrashed: exit code -11"``; when it gives no answer within ``timeout_s``, the child is killed and the
+config recorded as ``"Timeout: no result after 60 s"``; when the measurer reports itself unhealthy after a
+measurement (``measurer.healthy()`` is False: the CUDA error was sticky), the config keeps the error it got and the
+child exits. The next measurement starts a fresh child.
+
+The child loads compiled kernels from Triton's on-disk cache, which the compile pool (compile.py) fills ahead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from typing import Any, Callable
+
+from .errors import TuneError
+from .measure import Measurement, describe_failure
+from .space import Config
+
+DEFAULT_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 600.0  # building the measurer: CUDA context, weights, imports
+
+
+class IsolatedFailure(Exception):
+    """The child process crashed or timed out; ``str()`` is the recorded reason."""
+
+
+def _child_main(factory: Callable[[], Any] | None, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tuning process's to handle
+    try:
+        measurer = factory() if factory is not None else None
+        info = {key: getattr(measurer, key) for key in ("device_name", "description", "is_performance",
+                                                         "shared_memory_bytes") if hasattr(measurer, key)}
+        info["kind"] = type(measurer).__name__
+    except BaseException as exc:
+        conn.send(("error", describe_failure(exc)))
+        return
+    conn.send(("ready", info))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the tuning process is gone
+            return
+        if message[0] == "stop":
+            return
+        _, fn, args = message
+        try:
+            kind, value = "ok", fn(measurer, *args)
+        except Exception as exc:
+            kind, value = "error", describe_failure(exc)
+        # A sticky CUDA error (an illegal memory access) breaks the context for good: say so, and leave.
+        healthy = getattr(measurer, "healthy", None)
+        alive = healthy is None or healthy()
+        try:
+            conn.send((kind, value, alive))
+        except (BrokenPipeError, OSError):
+            return
+        if not alive:
+            return
+
+
+def _measure(measurer, config: Config, M: int) -> Measurement:
+    return measurer.measure(config, M)
+
+
+class IsolatedMeasurer:
+    """A measurer that runs ``factory()``'s measurer in a replaceable child process.
+
+    Args:
+        factory: a picklable callable (a class, a functools.partial) that builds the real measurer in the child.
+        timeout_s: seconds one measurement may take before the child is killed.
+        device_name, description, is_performance, kind: known facts about the measurer (kind: its class name);
+            one not given is asked of the child, which then starts at once (otherwise on the first measurement).
+
+    Example:
+        >>> from functools import partial
+        >>> m = IsolatedMeasurer(partial(CudaGraphTimer, spec, "cuda:0"), timeout_s=60)  # doctest: +SKIP
+        >>> m.measure(Config(64, 128, 128, 32, 4, 3), 64)  # doctest: +SKIP
+        Measurement(latency_us=41.7, error=None, attrs={...})
+    """
+
+    def __init__(self, factory: Callable[[], Any] | None, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 start_timeout_s: float = START_TIMEOUT_S, device_name: str | None = None,
+                 description: str | None = None, is_performance: bool | None = None, kind: str | None = None):
+        self.factory = factory
+        self.timeout_s = float(timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
+        known = {"device_name": device_name, "description": description, "is_performance": is_performance,
+                 "kind": kind}
+        self.info: dict[str, Any] = {k: v for k, v in known.items() if v is not None}
+        self._proc = None
+        self._conn = None
+        self.crashes = 0
+
+    # The measurer's facts, from the constructor or from the child.
+    def _fact(self, key: str, default: Any = None) -> Any:
+        if key not in self.info and self._proc is None:
+            self._start()
+        return self.info.get(key, default)
+
+    @property
+    def device_name(self) -> str:
+        return self._fact("device_name", "unknown")
+
+    @property
+    def is_performance(self) -> bool:
+        return bool(self._fact("is_performance", True))
+
+    @property
+    def description(self) -> str:
+        return f"{self._fact('description', 'measurer')}, in an isolated process"
+
+    @property
+    def kind(self) -> str:
+        """The class name of the measurer in the child ("CudaGraphTimer")."""
+        return self._fact("kind", "unknown")
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        value = self.info.get("shared_memory_bytes")  # known once the child runs; never starts it
+        if value is None:
+            raise AttributeError("shared_memory_bytes")  # getattr(m, "shared_memory_bytes", default) works
+        return value
+
+    # The child process.
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(self.factory, child_conn), daemon=True,
+                                 name="moe-opt-measure")
+        try:
+            self._proc.start()
+        except BaseException:
+            self._proc = None
+            raise
+        finally:
+            child_conn.close()
+        if not self._conn.poll(self.start_timeout_s):
+            self._kill()
+            raise TuneError(f"the measuring process did not start within {self.start_timeout_s:g} s")
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._kill()
+            raise TuneError(f"the measuring process died while starting (exit code {code})") from None
+        if kind == "error":
+            self._kill()
+            raise TuneError(f"the measuring process could not build its measurer: {value}")
+        self.info = {**value, **self.info}
+
+    def _kill(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return None
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        return proc.exitcode
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(measurer, *args)`` in the child; raises IsolatedFailure if the child crashes or times out."""
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self._kill()
+            self._start()
+        try:
+            self._conn.send(("call", fn, args))
+            ready = self._conn.poll(self.timeout_s)
+        except (BrokenPipeError, OSError):
+            ready = True  # the child is gone: recv() below says so
+        if not ready:
+            self._kill()
+            self.crashes += 1
+            raise IsolatedFailure(f"Timeout: no result after {self.timeout_s:g} s")
+        try:
+            kind, value, alive = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._kill()
+            self.crashes += 1
+            raise IsolatedFailure(f"WorkerCrashed: exit code {code}") from None
+        if not alive:
+            self._kill()  # it leaves by itself; the next call starts a fresh one
+        if kind == "error":
+            raise IsolatedFailure(value)
+        return value
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        try:
+            return self.run(_measure, config, M)
+        except IsolatedFailure as exc:
+            return Measurement(None, str(exc))
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+                self._proc.join(10)
+            except (BrokenPipeError, OSError):
+                pass
+        self._kill()
+
+    def __enter__(self) -> "IsolatedMeasurer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._kill()
+        except Exception:
+            pass
+
+    # Sent to worker processes without its child: each worker starts its own.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_proc=None, _conn=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def isolated_cuda_graph_timer(spec, device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> IsolatedMeasurer:
+    """The GPU path's default measurer: a CudaGraphTimer in an isolated process, started by the first
+    measurement (so a tune that stops on bad input, or whose workers do the measuring, never starts it)."""
+    from functools import partial
+
+    import torch
+
+    from .measure import CudaGraphTimer, cuda_graph_description
+
+    name = torch.cuda.get_device_name(torch.device(device or "cuda"))
+    return IsolatedMeasurer(partial(CudaGraphTimer, spec, device or "cuda"), timeout_s, device_name=name,
+                            description=cuda_graph_description(name), is_performance=True, kind="CudaGraphTimer")

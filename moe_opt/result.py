@@ -1,0 +1,93 @@
+"""TuneResult: what a tune found per batch size, and the summary printed at its end."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .space import Config
+from .spec import ModelSpec
+from .study import open_storage
+
+
+@dataclass
+class TuneResult:
+    """What a tune found, per batch size M.
+
+    Attributes:
+        best: {M: config dict with the six keys} of the fastest measured config that passed the correctness guard.
+        latency_us: {M: its latency}.
+        default_latency_us: {M: latency of SGLang's default config}, None where it was not measured.
+        files: {"sglang": path, "vllm": path} of the exported config files (empty if none were written).
+        storage: the Optuna storage (URL or object) holding the studies.
+        study_names: {M: study name}.
+        is_performance: False when the timings came from Triton's CPU interpreter.
+        spec: the (possibly scaled-down) spec that was tuned; None in replay mode without one.
+        trials_used: {M: counted trials}.
+        guard: {M: the correctness guard's outcome for the config in ``best``}.
+        excluded: {M: faster configs the guard excluded, with the reason}.
+        notes: things the summary should say (kept entries of an older file, workers that failed, ...).
+    """
+
+    best: dict[int, dict[str, int]]
+    latency_us: dict[int, float]
+    default_latency_us: dict[int, float | None]
+    files: dict[str, Path]
+    storage: Any
+    study_names: dict[int, str]
+    is_performance: bool
+    spec: ModelSpec | None
+    trials_used: dict[int, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    interrupted: bool = False
+    guard: dict[int, str] = field(default_factory=dict)
+    excluded: dict[int, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    worker_errors: list[str] = field(default_factory=list)
+
+    def speedup(self) -> dict[int, float]:
+        """{M: default latency / tuned latency} where the default was measured."""
+        return {M: d / self.latency_us[M] for M, d in self.default_latency_us.items()
+                if d is not None and M in self.latency_us}
+
+    def geomean_speedup(self) -> float | None:
+        s = list(self.speedup().values())
+        return math.exp(sum(map(math.log, s)) / len(s)) if s else None
+
+    def trials_dataframe(self):
+        """All trials of all batch sizes as one pandas DataFrame, with a column M."""
+        import pandas as pd
+
+        storage = open_storage(self.storage) if isinstance(self.storage, str) else self.storage
+        frames = []
+        for M, name in sorted(self.study_names.items()):
+            df = optuna.load_study(study_name=name, storage=storage).trials_dataframe()
+            df.insert(0, "M", M)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def summary_text(result: TuneResult) -> str:
+    """A short table: batch size, tuned config, latency, SGLang default latency, speedup; then what to know."""
+    lines = [f"{'M':>6}  {'best config':28s} {'us':>10} {'default us':>11} {'speedup':>8} {'trials':>6}"]
+    for M in sorted(result.best):
+        d = result.default_latency_us.get(M)
+        lines.append(f"{M:>6}  {str(Config.from_dict(result.best[M])):28s} {result.latency_us[M]:>10.2f} "
+                     f"{d if d is not None else float('nan'):>11.2f} "
+                     f"{(d / result.latency_us[M]) if d else float('nan'):>7.3f}x {result.trials_used.get(M, 0):>6}")
+    g = result.geomean_speedup()
+    lines.append(f"geometric-mean speedup over SGLang's default: {g:.3f}x" if g else "default config not measured")
+    if not result.is_performance:
+        lines.append("NOTE: timings from Triton's CPU interpreter; they are not performance numbers.")
+    for M, reasons in sorted(result.excluded.items()):
+        for reason in reasons:
+            lines.append(f"correctness guard, M={M}: excluded {reason}")
+    lines += result.notes + [f"moe-opt: {e}" for e in result.worker_errors]
+    for kind, path in result.files.items():
+        lines.append(f"wrote {kind}: {path}")
+    lines.append(f"wall time {result.wall_s:.1f} s" + (" (interrupted)" if result.interrupted else ""))
+    return "\n".join(lines)

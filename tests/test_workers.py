@@ -1,0 +1,102 @@
+"""Many workers on one set of studies: the budget per batch size is shared exactly, no config is measured twice
+at one batch size, nothing crashes with "database is locked". One host: JournalStorage; many hosts: PostgreSQL.
+
+Replay mode with a measurer slowed to 0.1 s per config, so the workers' trials really interleave.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+import moe_opt
+from moe_opt import TuneError
+from moe_opt.cli import main
+from moe_opt.coordination import WORKER_KEY, config_of, is_counted
+from moe_opt.study import open_storage
+from moe_opt.table import ReplayTable
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = str(REPO / "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv")
+POSTGRES_URL = os.environ.get("MOE_OPT_TEST_POSTGRES_URL")
+
+
+class SlowReplay(ReplayTable):
+    """The recorded table, 0.1 s per measurement (a GPU takes ~1 s with compilation)."""
+
+    def measure(self, config, M):
+        time.sleep(0.1)
+        return super().measure(config, M)
+
+
+def check_shared_study(storage, result, n_trials: int, n_workers: int) -> None:
+    """Exactly n_trials counted trials per batch size, no config twice, no interrupted trials, several workers."""
+    store = open_storage(storage)
+    pids = collections.Counter()
+    for M, name in result.study_names.items():
+        trials = optuna.load_study(study_name=name, storage=store).get_trials()
+        counted = [t for t in trials if is_counted(t)]
+        assert len(counted) == n_trials, (M, len(counted))
+        configs = [config_of(t) for t in counted]
+        assert len(set(configs)) == len(configs), f"duplicate configs at M={M}"
+        assert len(trials) == n_trials, [t.user_attrs.get("error") for t in trials if not is_counted(t)]
+        pids.update(t.system_attrs[WORKER_KEY]["pid"] for t in counted)
+    assert result.trials_used == {M: n_trials for M in result.study_names}
+    assert result.worker_errors == []
+    assert 2 <= len(pids) <= n_workers and os.getpid() not in pids  # the workers did the measuring
+
+
+def test_four_workers_on_a_journal_share_the_budget_without_duplicates(tmp_path, capfd):
+    storage = f"journal:{tmp_path}/studies.journal"
+    result = moe_opt.tune(replay=TABLE, measurer=SlowReplay(TABLE), n_workers=4, n_trials=10, storage=storage,
+                          output_dir=tmp_path / "out", progress=False)
+    check_shared_study(storage, result, n_trials=10, n_workers=4)
+    assert sorted(result.best) == [1, 16, 64, 1024] and result.files["sglang"].exists()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "locked" not in err
+
+
+def test_several_workers_default_to_a_journal_and_refuse_sqlite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TuneError, match=r"is SQLite, which takes one writing process; with n_workers=2 use "
+                                        r"journal:PATH \(one host\) or postgresql://"):
+        moe_opt.tune(replay=TABLE, n_workers=2, storage="sqlite:///s.db", output_dir=None, progress=False)
+    assert main(["tune", "--replay", TABLE, "--workers", "2", "--storage", "sqlite:///s.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "use journal:PATH" in err
+    with pytest.raises(TuneError, match="n_workers must be an integer >= 1, got 0"):
+        moe_opt.tune(replay=TABLE, n_workers=0, output_dir=None, progress=False)
+    assert main(["tune", "--replay", TABLE, "--workers", "-1"]) == 2
+    assert "n_workers must be an integer >= 1, got -1" in capsys.readouterr().err
+
+    result = moe_opt.tune(replay=TABLE, n_workers=2, n_trials=2, output_dir=None)
+    assert result.storage == "journal:studies/DeepSeek-V4-Flash.journal"
+    assert "2 workers share journal:studies/DeepSeek-V4-Flash.journal" in capsys.readouterr().out
+    assert (tmp_path / "studies" / "DeepSeek-V4-Flash.journal").exists()
+    assert not (tmp_path / "studies" / "DeepSeek-V4-Flash.db").exists()
+
+
+def test_workers_across_hosts_share_a_postgresql_storage(tmp_path):
+    """CI starts a PostgreSQL server and sets MOE_OPT_TEST_POSTGRES_URL (.ci/run); an unreachable server fails."""
+    if not POSTGRES_URL:
+        pytest.skip("MOE_OPT_TEST_POSTGRES_URL is not set (CI sets it and starts PostgreSQL)")
+    # A table of our own name: study names derive from it, so every run gets fresh studies.
+    table = tmp_path / f"dsv4_{uuid.uuid4().hex[:8]}.csv"
+    shutil.copy(TABLE, table)
+    shutil.copy(TABLE + ".json", str(table) + ".json")
+    store = open_storage(POSTGRES_URL)  # raises TuneError (the test fails) if the server is unreachable
+    try:
+        result = moe_opt.tune(replay=str(table), measurer=SlowReplay(str(table)), n_workers=3, n_trials=6,
+                              storage=POSTGRES_URL, output_dir=None, progress=False)
+        check_shared_study(POSTGRES_URL, result, n_trials=6, n_workers=3)
+    finally:
+        for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
+            if table.stem in summary.study_name:
+                optuna.delete_study(study_name=summary.study_name, storage=store)
