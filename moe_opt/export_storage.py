@@ -14,9 +14,12 @@ from .study import StudyInfo, list_moe_studies, open_storage
 
 
 def best_configs(storage, info: StudyInfo) -> tuple[Config, float] | None:
-    """The fastest completed config of one study, or None if it has none."""
+    """The fastest completed config of one study that the correctness guard did not reject, or None."""
     study = optuna.load_study(study_name=info.name, storage=storage)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    rejected = {int(n) for n, outcome in (study.user_attrs.get("guard") or {}).items()
+                if str(outcome).startswith("failed")}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.number not in rejected]
     if not complete:
         return None
     top = min(complete, key=lambda t: t.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from .coordination import is_counted
 from .measure import Measurement
 from .space import Config
 
@@ -22,7 +23,7 @@ class Progress:
             values = [t.value for t in study.trials if t.value is not None]
             if values:
                 self.best[M] = min(values)
-            self.done[M] = sum(1 for t in study.trials if t.state.is_finished())
+            self.done[M] = sum(1 for t in study.trials if is_counted(t))
         self.bar = None
         if enabled:
             from tqdm import tqdm

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import optuna
 
+from .coordination import is_counted
 from .search import SearchState
 from .space import PARAM_NAMES, Config
 from .spec import ModelSpec
@@ -60,7 +61,7 @@ def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, def
         for m in _nearest(M, tuned):
             seeds += sorted(state.measured[m], key=state.measured[m].get)[:NEAREST_BEST]
         tried = state.tried(M)
-        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        finished = [t for t in study.get_trials(deepcopy=False) if is_counted(t)]
         waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
         room = n_trials - len(finished) - len(waiting)
         queued = set()
