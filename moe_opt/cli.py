@@ -29,7 +29,6 @@ def _batch_sizes(text: str) -> list[str]:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .spec import ModelSpec
     from .tuner import tune
 
     spec = None

@@ -27,3 +27,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu_only" in item.keywords:
             item.add_marker(skip)
+
+
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by selenium (report and dashboard tests); missing pieces fail with what to
+    install rather than skip: CI installs them (.ci/run's APT_PACKAGES)."""
+    import shutil
+    import tempfile
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed; install the test extra: pip install -e '.[test]'")
+    binary = os.environ.get("MOE_OPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not binary or not driver_path:
+        pytest.fail("headless Chromium not found (chromium and chromedriver on PATH); install the Debian packages "
+                    "chromium and chromium-driver (.ci/run's APT_PACKAGES does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    profile = tempfile.mkdtemp(prefix="moe-opt-chromium-")
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,8 +23,6 @@ from moe_opt.notes import study_note
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
 ARTIFACTS = Path(os.environ.get("MOE_OPT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 SHAPE_ATTRS = ("model", "E", "N", "K", "topk", "dtype", "block_shape", "swiglu_limit", "M", "device_name",
                "triton_version")
 
@@ -39,30 +36,6 @@ def replay_db(tmp_path_factory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('replay') / 'studies.db'}"
     _replay_tune(url)
     return url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """A headless Chromium driven by selenium; missing pieces fail with what to install."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed; install the test extra: pip install -e '.[test]'")
-    binary = os.environ.get("MOE_OPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not binary or not driver_path:
-        pytest.fail("headless Chromium not found (chromium and chromedriver on PATH); install the Debian packages "
-                    "chromium and chromium-driver (.ci/run's APT_PACKAGES does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    profile = tempfile.mkdtemp(prefix="moe-opt-chromium-")
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _wait_for_text(driver, texts: list[str], timeout_s: float = 30.0) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +20,6 @@ from moe_opt.spec import ModelSpec
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
 ARTIFACTS = Path(os.environ.get("MOE_OPT_ARTIFACTS", Path(__file__).parent / "artifacts"))
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 @pytest.fixture(scope="module")
@@ -47,30 +43,6 @@ class InterpreterLike:
 
 SMALL = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=128, dtype="fp8_w8a8",
                              block_shape=[128, 128])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """A headless Chromium driven by selenium; missing pieces fail with what to install."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed; install the test extra: pip install -e '.[test]'")
-    binary = os.environ.get("MOE_OPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not binary or not driver_path:
-        pytest.fail("headless Chromium not found (chromium and chromedriver on PATH); install the Debian packages "
-                    "chromium and chromium-driver (.ci/run's APT_PACKAGES does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    profile = tempfile.mkdtemp(prefix="moe-opt-chromium-")
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _wait(driver, script: str, timeout_s: float = 20.0):

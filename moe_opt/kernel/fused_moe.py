@@ -113,7 +113,6 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
                           "(the kernel reads one weight scale per K step)")
     M, K = x.shape
     E, two_n, _ = w1.shape
-    n = two_n // 2
     topk = topk_ids.shape[1]
     dtype = x.dtype
     aligned = moe_align_block_size(topk_ids, config.BLOCK_SIZE_M, E)
