@@ -377,9 +377,3 @@ class Coordinator:
             return None
         study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
         return trial, config
-
-
-def worker_of(trial: FrozenTrial) -> str | None:
-    """"host:pid" of the process that ran a trial, if moe_opt recorded it."""
-    who = trial.system_attrs.get(WORKER_KEY)
-    return f"{who['host']}:{who['pid']}" if who else None

@@ -6,7 +6,6 @@ A config that cannot compile or run is not an exception here: it comes back as a
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -246,9 +245,3 @@ class InterpreterTimer:
         except Exception as exc:
             return Measurement(None, describe_failure(exc))
 
-
-def is_nan(value: object) -> bool:
-    try:
-        return math.isnan(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return True

@@ -17,7 +17,6 @@ from .errors import SpecError
 
 # The quantization strings as SGLang/vLLM config file names spell them (`dtype=` part), or None for bf16/fp16.
 SUPPORTED_QUANT_DTYPES = ("fp8_w8a8",)
-KNOWN_QUANT_DTYPES = ("fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16", "fp8_w8a16", "mxfp4_w4a16")
 ACTIVATION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # "silu": SwiGLU with gate = first half of w1's output (optionally clamped by swiglu_limit).
 # "swigluoai": GPT-OSS's clamped SwiGLU (alpha 1.702, limit 7, interleaved gate/up, +1 on up, biases). The spec

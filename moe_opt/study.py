@@ -71,17 +71,22 @@ def _check_writable_directory(url: str, directory: Path) -> None:
                         "location") from None
 
 
+def _prepare_parent(url: str, path: Path, example: str) -> None:
+    """A storage file path must not be a directory; its directory is created if missing."""
+    if path.is_dir():
+        raise TuneError(f"storage {url}: {path} is a directory; give a file path such as {example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuneError(f"storage {url}: cannot create directory {path.parent}: {exc.strerror}") from None
+
+
 def _check_sqlite_path(url: str) -> None:
     path = url[len("sqlite:///"):]
     if not path or path == ":memory:":
         return
     p = Path(path)
-    if p.is_dir():
-        raise TuneError(f"storage {url}: {p} is a directory; give a file path such as sqlite:///studies/x.db")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TuneError(f"storage {url}: cannot create directory {p.parent}: {exc.strerror}") from None
+    _prepare_parent(url, p, "sqlite:///studies/x.db")
     if p.exists():
         try:
             with open(p, "rb") as f:
@@ -100,12 +105,7 @@ def _check_sqlite_path(url: str) -> None:
 
 
 def _check_journal_path(url: str, path: Path) -> None:
-    if path.is_dir():
-        raise TuneError(f"storage {url}: {path} is a directory; give a file path such as journal:studies/x.journal")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TuneError(f"storage {url}: cannot create directory {path.parent}: {exc.strerror}") from None
+    _prepare_parent(url, path, "journal:studies/x.journal")
     if path.exists():
         try:
             with open(path, "rb") as f:

@@ -59,3 +59,22 @@ def browser():
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def screenshot():
+    """``screenshot(driver, name)`` saves the whole page (beyond the window) as a PNG test artifact under
+    MOE_OPT_ARTIFACTS (default tests/artifacts/) and returns its path."""
+    import base64
+    from pathlib import Path
+
+    artifacts = Path(os.environ.get("MOE_OPT_ARTIFACTS", Path(__file__).parent / "artifacts"))
+
+    def save(driver, name: str) -> Path:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        path = artifacts / name
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    return save

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -22,7 +21,6 @@ from moe_opt.errors import TuneError
 from moe_opt.notes import study_note
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
-ARTIFACTS = Path(os.environ.get("MOE_OPT_ARTIFACTS", Path(__file__).parent / "artifacts"))
 SHAPE_ATTRS = ("model", "E", "N", "K", "topk", "dtype", "block_shape", "swiglu_limit", "M", "device_name",
                "triton_version")
 
@@ -51,21 +49,13 @@ def _wait_for_text(driver, texts: list[str], timeout_s: float = 30.0) -> str:
     raise AssertionError(f"the dashboard never showed {missing}; it showed: {body[:500]!r}")
 
 
-def _screenshot(driver, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
-    path = ARTIFACTS / name
-    path.write_bytes(base64.b64decode(shot["data"]))
-    return path
-
-
 def _study_names(url: str) -> list[str]:
     return sorted(s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False))
 
 
 # --- The dashboard in a browser ----------------------------------------------------------------------------------
 
-def test_dashboard_lists_the_studies(replay_db, browser):
+def test_dashboard_lists_the_studies(replay_db, browser, screenshot):
     names = _study_names(replay_db)
     with start_dashboard(replay_db, port=0) as handle:
         assert handle.url.startswith("http://127.0.0.1:") and handle.url.endswith("/dashboard")
@@ -73,10 +63,10 @@ def test_dashboard_lists_the_studies(replay_db, browser):
         # The names wrap inside the study cards, so look for the parts a user reads: shape and each batch size.
         body = _wait_for_text(browser, ["E=256,N=256,K=4096", "M=1024", "M=64", "M=16", "M=1\n"])
         assert body.count("triton=3.6.0") == len(names) == 4
-        assert _screenshot(browser, "dashboard_studies.png").stat().st_size > 10_000
+        assert screenshot(browser, "dashboard_studies.png").stat().st_size > 10_000
 
 
-def test_each_study_shows_its_note_and_attributes(replay_db, browser):
+def test_each_study_shows_its_note_and_attributes(replay_db, browser, screenshot):
     with start_dashboard(replay_db, port=0) as handle:
         api = handle.url.replace("/dashboard", "/api/studies")
         summaries = json.load(urllib.request.urlopen(api, timeout=10))["study_summaries"]
@@ -89,10 +79,10 @@ def test_each_study_shows_its_note_and_attributes(replay_db, browser):
         browser.get(f"{handle.url}/studies/{by_M[64]}/note")
         body = _wait_for_text(browser, ["M = 64:", "faster than SGLang's default", "BLOCK_SIZE_M", "SGLang default"])
         assert "Replayed search" in body and "deepseek-ai/DeepSeek-V4-Flash" in body
-        _screenshot(browser, "dashboard_note.png")
+        screenshot(browser, "dashboard_note.png")
         browser.get(f"{handle.url}/studies/{by_M[64]}")
         _wait_for_text(browser, ["latency_us", "Study User Attributes"])  # the objective is named, not "Objective 0"
-        _screenshot(browser, "dashboard_study.png")
+        screenshot(browser, "dashboard_study.png")
 
 
 # --- Starting and stopping -----------------------------------------------------------------------------------------

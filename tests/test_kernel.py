@@ -182,3 +182,12 @@ def test_bad_inputs_give_one_line_errors(device):
         fused_moe(x, w1, w2, tw, ids, CFG_SMALL, block_shape=[128, 128])
     with pytest.raises(ValueError, match="lacks GROUP_SIZE_M"):
         fused_moe(x, w1, w2, tw, ids, {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64}, **kwargs)
+
+
+def test_config_values_are_checked_with_one_line_messages():
+    from moe_opt import Config
+
+    with pytest.raises(ValueError, match=r"Config.BLOCK_SIZE_N must be a power of two >= 16 \(tl.dot needs it\), got 48"):
+        Config(16, 48, 64, 1)
+    with pytest.raises(ValueError, match="Config.num_warps must be a positive integer, got 0"):
+        Config(16, 32, 64, 1, 0, 3)

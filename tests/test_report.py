@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from moe_opt.report import summary
 from moe_opt.spec import ModelSpec
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
-ARTIFACTS = Path(os.environ.get("MOE_OPT_ARTIFACTS", Path(__file__).parent / "artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +51,6 @@ def _wait(driver, script: str, timeout_s: float = 20.0):
             return value
         time.sleep(0.2)
     raise AssertionError(f"page did not reach: {script}")
-
-
-def _screenshot(driver, name: str) -> Path:
-    """Save the whole page, beyond the window, under the artifacts directory (MOE_OPT_ARTIFACTS)."""
-    import base64
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
-    path = ARTIFACTS / name
-    path.write_bytes(base64.b64decode(shot["data"]))
-    return path
 
 
 # --- The summary (moe-opt show) ------------------------------------------------------------------------------------
@@ -124,7 +111,7 @@ def test_report_writes_offline_html_and_the_summary_as_csv_and_markdown(replay_d
     assert md[0].startswith("| model | shape |") and len(md) == 2 + 4
 
 
-def test_report_plots_render_in_chromium(replay_db, tmp_path, browser):
+def test_report_plots_render_in_chromium(replay_db, tmp_path, browser, screenshot):
     path = moe_opt.report(replay_db, tmp_path / "report.html", copy_bandwidth_gbps=4800)
     browser.get(path.resolve().as_uri())
     plots = _wait(browser, """
@@ -144,7 +131,7 @@ def test_report_plots_render_in_chromium(replay_db, tmp_path, browser):
                                   ".every(p => p.querySelectorAll('.scatterlayer .trace, .heatmaplayer image, "
                                   ".hm').length > 0)")
     assert "copy bandwidth 4800 GB/s (given)" in browser.page_source
-    assert _screenshot(browser, "report.png").stat().st_size > 10_000
+    assert screenshot(browser, "report.png").stat().st_size > 10_000
 
 
 # --- Bad input --------------------------------------------------------------------------------------------------------

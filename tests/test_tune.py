@@ -202,3 +202,8 @@ def test_cli_tune_replay_and_export(tmp_path, capsys):
     assert second == first  # rebuilt from the storage alone
     assert main(["tune", "--replay", repo_path(DSV4_TABLE), "--batch-sizes", "1,x"]) == 2
     assert "batch size 'x' is not an integer" in capsys.readouterr().err
+
+
+def test_cli_shape_must_name_its_sizes(capsys):
+    assert main(["tune", "--shape", "E=8,topk=2"]) == 2
+    assert "--shape 'E=8,topk=2' must be E=..,topk=..,K=..,intermediate=.." in capsys.readouterr().err
