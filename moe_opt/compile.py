@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from typing import Iterable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from typing import Callable, Iterable
 
 from .measure import describe_failure
 from .space import Config, fits_shared_memory
@@ -37,6 +37,10 @@ def _init_worker(spec_dict: dict, device: str) -> None:
     _worker_inputs = MoeInputs(small, device, routing_sets=1, seed=0)
 
 
+def _started() -> None:
+    """A task that does nothing: sent once per worker, it makes the pool start (import torch, CUDA context)."""
+
+
 def _compile_one(config: Config) -> str | None:
     import torch
 
@@ -46,6 +50,14 @@ def _compile_one(config: Config) -> str | None:
         return None
     except Exception as exc:
         return describe_failure(exc)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (taskset, cgroups' cpusets), not all the host has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
 
 
 def operand_bytes(spec: ModelSpec) -> tuple[int, int]:
@@ -75,19 +87,30 @@ class CompilePool:
     """
 
     def __init__(self, spec: ModelSpec, *, workers: int | None = None, device: str = "cuda",
-                 shared_memory_bytes: int | None = None):
-        import torch
-
+                 shared_memory_bytes: int | None = None, executor: Executor | None = None,
+                 compile_fn: Callable[[Config], str | None] | None = None):
+        """Args:
+            spec: the shape whose kernels are compiled.
+            workers: processes (default: CPU cores - 2, at most 15).
+            device: the CUDA device the workers compile for.
+            shared_memory_bytes: the device's per-block limit for the screen (default: asked of the device).
+            executor, compile_fn: where and how to compile instead of the worker processes (tests and other
+                backends): ``executor.submit(compile_fn, config)`` must return the failure string or None.
+        """
         self.spec = spec
         # One core stays free for the measuring process, which launches kernels while workers compile.
-        self.workers = workers if workers is not None else max(1, min(15, (os.cpu_count() or 2) - 2))
+        self.workers = workers if workers is not None else max(1, min(15, usable_cores() - 2))
         if shared_memory_bytes is None:
+            import torch
+
             props = torch.cuda.get_device_properties(torch.device(device))
             shared_memory_bytes = getattr(props, "shared_memory_per_block_optin", 232_448)
         self.shared_memory_bytes = shared_memory_bytes
         self.results: dict[Config, str | None] = {}
-        self._inflight: dict[Config, object] = {}
-        self._executor = ProcessPoolExecutor(
+        self._inflight: dict[Config, Future] = {}
+        self._submitted = 0
+        self._compile = compile_fn or _compile_one
+        self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(spec.to_dict(), device))
 
@@ -97,6 +120,7 @@ class CompilePool:
         Speculative submissions (configs the search will likely ask for next) are only made while fewer
         compiles than workers are in flight, so they never queue ahead of configs that are needed now.
         """
+        self._sweep()
         for config in configs:
             if config in self.results or config in self._inflight:
                 continue
@@ -106,18 +130,54 @@ class CompilePool:
             if reason is not None:
                 self.results[config] = reason
                 continue
-            self._inflight[config] = self._executor.submit(_compile_one, config)
+            try:
+                self._inflight[config] = self._executor.submit(self._compile, config)
+            except RuntimeError:  # a broken pool (a worker died in the compiler): the measurer compiles it itself
+                self.results[config] = None
+                continue
+            self._submitted += 1
+
+    def prestart(self) -> None:
+        """Start every worker now (seconds of imports and CUDA set-up), not when the first configs arrive."""
+        for _ in range(self.workers):
+            self._executor.submit(_started)
+
+    @property
+    def compiled(self) -> int:
+        """Configs sent to a worker so far (screened-out ones not counted)."""
+        return self._submitted
+
+    def ready(self, config: Config) -> bool:
+        """Whether ``config``'s compile has finished (or it was screened out): result() will not wait."""
+        future = self._inflight.get(config)
+        return config in self.results or (future is not None and future.done())
+
+    def wait_any(self, configs: Iterable[Config], timeout_s: float | None = None) -> None:
+        """Block until one of ``configs`` is ready (starting the compiles not started yet)."""
+        configs = list(configs)
+        self.ensure(configs)
+        if any(self.ready(c) for c in configs):
+            return
+        futures = [self._inflight[c] for c in configs if c in self._inflight]
+        if futures:
+            wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def result(self, config: Config) -> str | None:
         """Wait until ``config`` is compiled; its failure, or None."""
         if config not in self.results:
             self.ensure([config])
-        future = self._inflight.pop(config, None)
+        future = self._inflight.get(config)
         if future is not None:
-            self.results[config] = future.result()
-        for done in [c for c, f in self._inflight.items() if f.done()]:
-            self.results[done] = self._inflight.pop(done).result()
+            future.exception()  # waits
+        self._sweep()
         return self.results[config]
+
+    def _sweep(self) -> None:
+        """Move finished compiles from in flight to results. A compile whose worker died (a crash in the
+        compiler breaks the whole pool) reports None: the measuring process compiles the config itself."""
+        for done in [c for c, f in self._inflight.items() if f.done()]:
+            future = self._inflight.pop(done)
+            self.results[done] = None if future.exception() is not None else future.result()
 
     def compile(self, configs: Iterable[Config]) -> dict[Config, str | None]:
         """Compile all configs (in parallel) and return {config: failure or None}."""

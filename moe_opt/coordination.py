@@ -249,24 +249,23 @@ class Coordinator:
         self.me = WorkerId.current(device)
         self.stale_after_s = stale_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._running: tuple[Any, int] | None = None  # (storage, trial_id) of the trial being measured
+        self._held: dict[int, Any] = {}  # {trial_id: storage} of the trials this process has claimed and runs
         self._recorded: dict[str, set[int]] = {}  # per study, the trials already fed to the search state
         self._beat_lock = threading.Lock()
 
     # Heartbeats.
     @contextlib.contextmanager
     def heartbeat(self) -> Iterator[None]:
-        """A thread that refreshes the heartbeat of the trial being measured, for the duration of the block."""
+        """A thread that refreshes the heartbeat of the trials this process holds, for the duration of the block."""
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(self.heartbeat_interval_s):
                 with self._beat_lock:
-                    running = self._running
-                if running is None:
-                    continue
-                with contextlib.suppress(Exception):  # finished meanwhile, or the storage is briefly away
-                    running[0].set_trial_system_attr(running[1], HEARTBEAT_KEY, time.time())
+                    held = list(self._held.items())
+                for trial_id, storage in held:
+                    with contextlib.suppress(Exception):  # finished meanwhile, or the storage is briefly away
+                        storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
 
         thread = threading.Thread(target=beat, name="moe-opt-heartbeat", daemon=True)
         thread.start()
@@ -276,9 +275,14 @@ class Coordinator:
             stop.set()
             thread.join()
 
-    def running(self, study: optuna.Study | None, trial: optuna.Trial | None) -> None:
+    def hold(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Keep the heartbeat of a claimed trial until :meth:`drop` (it may wait for its compile, then run)."""
         with self._beat_lock:
-            self._running = None if trial is None else (study._storage, trial._trial_id)
+            self._held[trial._trial_id] = study._storage
+
+    def drop(self, trial: optuna.Trial) -> None:
+        with self._beat_lock:
+            self._held.pop(trial._trial_id, None)
 
     # Stale trials.
     def stale_reason(self, trial: FrozenTrial, now: float) -> str | None:

@@ -149,17 +149,24 @@ def _check_in_child(measurer: Any, config: Config) -> str:
     return check_config(measurer, config)
 
 
+def latency_of(study: optuna.Study, trial: Any) -> float:
+    """A completed trial's latency: its re-measured median where confirm.py re-measured it, else its value."""
+    confirmed = study.user_attrs.get("confirmed") or {}
+    return float(confirmed.get(str(trial.number), trial.value))
+
+
 def choose_exported(studies: dict[int, optuna.Study], guard: Guard | None, config_of: Callable,
                     max_checks: int = MAX_CHECKS_PER_M, skipped: str = SKIPPED_REPLAY
                     ) -> tuple[dict, dict[int, str], dict[int, list[str]]]:
-    """Per batch size, the fastest completed trial that passes the guard.
+    """Per batch size, the fastest completed trial (by :func:`latency_of`) that passes the guard.
 
     Returns ({M: trial}, {M: its outcome}, {M: ["trial 12 M64 N128 ...: failed: error 0.31 > 0.06", ...]}).
     Outcomes already stored in the study for a trial are reused.
     """
     chosen, outcomes, excluded = {}, {}, {}
     for M, study in studies.items():
-        complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+        complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                          key=lambda t: latency_of(study, t))
         if not complete:
             continue
         if guard is None:
@@ -203,7 +210,7 @@ def apply_guard(result: Any, studies: dict[int, optuna.Study], measurer: Any, sp
         result.notes.append(f"correctness guard {skipped}")
     chosen, result.guard, result.excluded = choose_exported(studies, checker, config_of, skipped=skipped)
     result.best = {M: config_of(t).to_dict() for M, t in chosen.items()}
-    result.latency_us = {M: float(t.value) for M, t in chosen.items()}
+    result.latency_us = {M: latency_of(studies[M], t) for M, t in chosen.items()}
     for M in studies:
         if M not in chosen and M in result.guard:
             result.notes.append(f"M={M}: {result.guard[M]}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from collections import deque
 from typing import Any, Callable
 
 from .errors import TuneError
@@ -94,11 +95,13 @@ class IsolatedMeasurer:
         self.info: dict[str, Any] = {k: v for k, v in known.items() if v is not None}
         self._proc = None
         self._conn = None
+        self._ready = False
+        self._sent: deque = deque()  # (fn, args) sent to the child and not collected yet, oldest first
         self.crashes = 0
 
     # The measurer's facts, from the constructor or from the child.
     def _fact(self, key: str, default: Any = None) -> Any:
-        if key not in self.info and self._proc is None:
+        if key not in self.info and not self._ready:
             self._start()
         return self.info.get(key, default)
 
@@ -127,7 +130,12 @@ class IsolatedMeasurer:
         return value
 
     # The child process.
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the child now without waiting for it (its imports and CUDA context take seconds; a tune starts it
+        while it opens its studies). Measurements sent meanwhile queue up in the pipe."""
+        if self._proc is not None and (self._proc.is_alive() or self._sent):
+            return  # running, or dead with calls outstanding: collect_call() charges the oldest and resends the rest
+        self._kill()
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(self.factory, child_conn), daemon=True,
@@ -139,6 +147,15 @@ class IsolatedMeasurer:
             raise
         finally:
             child_conn.close()
+
+    def _start(self) -> None:
+        """Start the child if needed and wait until it has built its measurer."""
+        self.start()
+        self._await_ready()
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
         if not self._conn.poll(self.start_timeout_s):
             self._kill()
             raise TuneError(f"the measuring process did not start within {self.start_timeout_s:g} s")
@@ -151,9 +168,11 @@ class IsolatedMeasurer:
             self._kill()
             raise TuneError(f"the measuring process could not build its measurer: {value}")
         self.info = {**value, **self.info}
+        self._ready = True
 
     def _kill(self) -> int | None:
         proc, self._proc = self._proc, None
+        self._ready = False
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -164,32 +183,58 @@ class IsolatedMeasurer:
         proc.join(10)
         return proc.exitcode
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(measurer, *args)`` in the child; raises IsolatedFailure if the child crashes or times out."""
-        if self._proc is None or not self._proc.is_alive():
-            if self._proc is not None:
-                self._kill()
-            self._start()
+    # Calls, queued: the child runs them in order, so the next one starts the moment the last one ends.
+    def submit_call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Send ``fn(measurer, *args)`` to the child; :meth:`collect_call` returns the results in order."""
+        self.start()
+        self._sent.append((fn, args))
         try:
             self._conn.send(("call", fn, args))
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: collect_call() says so and resends the calls behind the oldest
+
+    def collect_call(self) -> Any:
+        """The result of the oldest submitted call; raises IsolatedFailure if the child crashed or timed out on it
+        (the calls behind it are sent to a fresh child)."""
+        if not self._sent:
+            raise RuntimeError("collect_call() without a submitted call")
+        self._await_ready()
+        failure = None
+        try:
             ready = self._conn.poll(self.timeout_s)
         except (BrokenPipeError, OSError):
             ready = True  # the child is gone: recv() below says so
         if not ready:
             self._kill()
             self.crashes += 1
-            raise IsolatedFailure(f"Timeout: no result after {self.timeout_s:g} s")
-        try:
-            kind, value, alive = self._conn.recv()
-        except (EOFError, OSError):
-            code = self._kill()
-            self.crashes += 1
-            raise IsolatedFailure(f"WorkerCrashed: exit code {code}") from None
-        if not alive:
-            self._kill()  # it leaves by itself; the next call starts a fresh one
-        if kind == "error":
-            raise IsolatedFailure(value)
+            failure = f"Timeout: no result after {self.timeout_s:g} s"
+        else:
+            try:
+                kind, value, alive = self._conn.recv()
+            except (EOFError, OSError):
+                code = self._kill()
+                self.crashes += 1
+                failure = f"WorkerCrashed: exit code {code}"
+            else:
+                if not alive:
+                    self._kill()  # it leaves by itself; the calls behind go to a fresh one
+                if kind == "error":
+                    failure = value
+        self._sent.popleft()
+        if self._proc is None and self._sent:
+            behind, self._sent = list(self._sent), deque()
+            for fn, args in behind:
+                self.submit_call(fn, *args)
+        if failure is not None:
+            raise IsolatedFailure(failure)
         return value
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(measurer, *args)`` in the child; raises IsolatedFailure if the child crashes or times out."""
+        if self._sent:
+            raise RuntimeError("run() while submitted calls are outstanding; collect them first")
+        self.submit_call(fn, *args)
+        return self.collect_call()
 
     def measure(self, config: Config, M: int) -> Measurement:
         try:
@@ -197,7 +242,19 @@ class IsolatedMeasurer:
         except IsolatedFailure as exc:
             return Measurement(None, str(exc))
 
+    def submit(self, config: Config, M: int) -> None:
+        """Queue a measurement; :meth:`collect` returns it (the tuner keeps the next one queued behind the one
+        running, so the GPU does not wait while the tuning process writes the last result)."""
+        self.submit_call(_measure, config, M)
+
+    def collect(self) -> Measurement:
+        try:
+            return self.collect_call()
+        except IsolatedFailure as exc:
+            return Measurement(None, str(exc))
+
     def close(self) -> None:
+        self._sent.clear()
         if self._proc is not None and self._proc.is_alive():
             try:
                 self._conn.send(("stop",))
@@ -221,7 +278,7 @@ class IsolatedMeasurer:
     # Sent to worker processes without its child: each worker starts its own.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_proc=None, _conn=None)
+        state.update(_proc=None, _conn=None, _ready=False, _sent=deque())
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -132,6 +132,23 @@ class MoeInputs:
         return fused_moe(x, self.w1, self.w2, weights, ids, config, out=out, **self.kwargs)
 
 
+def copy_bandwidth_gbps(device: str = "cuda", size_bytes: int = 1 << 30, repeats: int = 20) -> float:
+    """The card's device-to-device copy bandwidth, bytes read plus bytes written per second (GB/s), median."""
+    src = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rates = []
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        rates.append(2 * size_bytes / (start.elapsed_time(end) / 1000) / 1e9)
+    return statistics.median(rates)
+
+
 def cuda_graph_description(device_name: str, calls_per_graph: int = 10, replays: int = 5) -> str:
     """How :class:`CudaGraphTimer` measures, for the study's "measurement" attribute."""
     return f"CUDA graph of {calls_per_graph} calls, L2 flushed, median of {replays} replays, {device_name}"

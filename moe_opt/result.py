@@ -31,6 +31,11 @@ class TuneResult:
         guard: {M: the correctness guard's outcome for the config in ``best``}.
         excluded: {M: faster configs the guard excluded, with the reason}.
         notes: things the summary should say (kept entries of an older file, workers that failed, ...).
+        timings: where the wall time went, in seconds: start_s (to the first trial: studies, warm start, the
+            measuring process), search_s (the trial loop), of which measuring_s (waiting for measurements) and
+            compile_wait_s (every claimed config still compiling), confirm_s (re-measuring the close contenders),
+            guard_s, collect_export_s; with counts
+            measured and compiled. Empty for a tune with several workers.
     """
 
     best: dict[int, dict[str, int]]
@@ -48,6 +53,7 @@ class TuneResult:
     excluded: dict[int, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def speedup(self) -> dict[int, float]:
         """{M: default latency / tuned latency} where the default was measured."""
@@ -90,4 +96,11 @@ def summary_text(result: TuneResult) -> str:
     for kind, path in result.files.items():
         lines.append(f"wrote {kind}: {path}")
     lines.append(f"wall time {result.wall_s:.1f} s" + (" (interrupted)" if result.interrupted else ""))
+    t = result.timings
+    if t:
+        compiled = f", {t['compiled']:.0f} configs compiled" if "compiled" in t else ""
+        lines.append(f"time: start-up {t['start_s']:.1f} s, trials {t['search_s']:.1f} s (waiting for measurements "
+                     f"{t['measuring_s']:.1f} s, for compiles {t['compile_wait_s']:.1f} s; {t['measured']:.0f} "
+                     f"measured{compiled}), re-measuring contenders {t['confirm_s']:.1f} s, guard {t['guard_s']:.1f} s, "
+                     f"results and export {t['collect_export_s']:.1f} s")
     return "\n".join(lines)

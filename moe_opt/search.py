@@ -32,6 +32,7 @@ OTHER_M_WEIGHT = 0.5  # a measurement at another batch size counts at most this 
 PRIOR_LOG_RATIO = 0.35  # unexplored configs are assumed ~40% slower than the best
 PRIOR_WEIGHT = 0.05
 EXPLORATION = 0.12  # kappa of the lower confidence bound
+PATTERN_WITHIN = 0.05  # pattern moves are made from measured configs this close to the best
 
 
 @dataclass
@@ -63,6 +64,8 @@ class SearchState:
         # e.g. a smaller BLOCK_SIZE_M with a larger BLOCK_SIZE_N, which single steps cannot reach past a ridge).
         total_steps = step_distance.sum(axis=2)
         self._rings = (total_steps == 1, (total_steps == 2) & (step_distance.max(axis=2) == 1))
+        self._steps = steps.astype(np.int64)
+        self._at_steps = {tuple(row): i for i, row in enumerate(self._steps)}
 
     def record(self, M: int, config: Config, latency_us: float | None, compile_failure: bool = False) -> None:
         if latency_us is not None:
@@ -121,11 +124,32 @@ class SearchState:
         pool = open_set
         results = self.measured.get(M)
         if results:
-            # Pattern search first: the untried one-step neighbours of the incumbent, best predicted first.
+            # Pattern search first: the untried one-step neighbours of the incumbent, best predicted first; then
+            # the pattern moves (a step that improved, taken once more); then two-step neighbours.
             best = self._index[min(results, key=results.get)]
-            for ring in self._rings:
-                near = {self.candidates[i] for i in np.flatnonzero(ring[best])} & open_set
+            stages = [{self.candidates[i] for i in np.flatnonzero(self._rings[0][best])},
+                      self._pattern_moves(results), {self.candidates[i] for i in np.flatnonzero(self._rings[1][best])}]
+            for near in stages:
+                near = near & open_set
                 if near:
                     pool = near
                     break
         return pool, score
+
+    def _pattern_moves(self, results: dict[Config, float]) -> set[Config]:
+        """Hooke-Jeeves pattern moves: where a one-step move p -> c improved the latency and c is within
+        PATTERN_WITHIN of the best, the next step in that direction, c + (c - p). Finds optima two steps along one
+        tunable from the start (num_stages 3 -> 4 -> 5) when the first step's neighbour was not the incumbent."""
+        best_us = min(results.values())
+        rows = {c: self._index[c] for c in results if c in self._index}
+        out = set()
+        for c, i in rows.items():
+            if results[c] > best_us * (1 + PATTERN_WITHIN):
+                continue
+            for p, j in rows.items():
+                if results[p] <= results[c] or not self._rings[0][i, j]:
+                    continue
+                k = self._at_steps.get(tuple(2 * self._steps[i] - self._steps[j]))
+                if k is not None:
+                    out.add(self.candidates[k])
+        return out

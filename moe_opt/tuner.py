@@ -13,36 +13,33 @@ budget counts across runs.
 from __future__ import annotations
 
 import numbers
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from . import space
-from .coordination import BUSY, DONE, Coordinator, config_of, is_counted, record
+from .compile import usable_cores
+from .coordination import Coordinator, config_of, is_counted, record
 from .errors import TuneError
 from .guard import apply_guard
-from .measure import Measurement
+from .loop import LoopTimes, measure_one, run_trials
 from .notes import refresh_study_note
 from .result import TuneResult, summary_text
 from .samplers import make_sampler
 from .search import SearchState
 from .space import Config
 from .spec import ModelSpec
-from .study import COMPILE_FAILURES, default_storage, open_storage, study_attrs, study_base_name, study_name
-from .workers import StopFlag, run_workers, worker_devices, workers_storage
+from .study import default_storage, open_storage, study_attrs, study_base_name, study_name
+from .workers import run_workers, worker_devices, workers_storage
 
 DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
-LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
 MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
-BUSY_POLL_S = 0.5  # how often a process whose batch sizes all run elsewhere looks again
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -83,7 +80,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          warm_start: bool = True, tuned_config_dirs: Sequence[str | Path] = (), device: str | None = None,
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
-         measure_timeout_s: float = MEASURE_TIMEOUT_S, _worker: Any = None) -> TuneResult:
+         measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
+         _worker: Any = None) -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     Args:
@@ -113,6 +111,11 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         guard: check each config against the float64 reference before export (guard.py); False to skip; or a
             function ``config -> relative error`` used instead of running the kernel.
         measure_timeout_s: on the GPU, a measurement that takes longer fails as "Timeout: ..." (isolation.py).
+        compile_pool: compiles configs ahead of measuring them (advanced; default on the GPU: a
+            :class:`~moe_opt.compile.CompilePool` of ``compile_workers`` processes). With one, every batch size
+            holds a claimed trial whose config compiles while others are measured (loop.py).
+        confirm: after the search, re-measure each batch size's close contenders and SGLang's default three more
+            times and rank and report them by those medians (confirm.py; not in replay mode or on the interpreter).
 
     Returns:
         TuneResult.
@@ -122,7 +125,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         >>> r = moe_opt.tune(replay="moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv", n_trials=8,
         ...                  storage="sqlite:///:memory:", output_dir=None, progress=False)  # doctest: +SKIP
         >>> sorted(r.best)  # doctest: +SKIP
-        [1, 16, 64, 1024]
+        [1, 16, 64, 256, 1024, 4096]
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say what matters
@@ -148,7 +151,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
     import triton
 
     triton_version = triton.__version__
-    table, table_name, table_meta, owned = None, None, {}, None
+    table, table_name, table_meta, owned, pool = None, None, {}, None, compile_pool
     devices: list[str | None] = [None] * n_workers  # the CUDA_VISIBLE_DEVICES entry of each worker
     if replay is not None:
         from .table import ReplayTable
@@ -170,6 +173,13 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             from .isolation import isolated_cuda_graph_timer
 
             measurer = owned = isolated_cuda_graph_timer(spec, "cuda:0" if parallel else device, measure_timeout_s)
+            if not parallel:  # start both now: their seconds of start-up overlap the study set-up
+                owned.start()
+                try:
+                    pool = pool or _compile_pool(spec, compile_workers, device)
+                except BaseException:
+                    owned.close()
+                    raise
         else:
             from .measure import InterpreterTimer
 
@@ -182,75 +192,76 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             if progress:
                 print(f"moe-opt: no GPU found; running Triton's CPU interpreter on a scaled-down shape ({spec}). "
                       "Timings are wall-clock interpreter times, NOT performance numbers.", flush=True)
-    batch_sizes = _check_batch_sizes(batch_sizes if batch_sizes is not None else space.DEFAULT_BATCH_SIZES)
-    if table is not None:
-        missing = [M for M in batch_sizes if M not in table.entries]
-        if missing:
-            raise TuneError(f"replay table {Path(replay).name} has no rows for batch size {missing[0]}; it has "
-                            f"{', '.join(map(str, table.batch_sizes))}")
-    device_name = table_meta.get("device") or getattr(measurer, "device_name", "unknown")
-    is_performance = bool(getattr(measurer, "is_performance", True))
-
-    # Candidates: the grid, with block quantization's BLOCK_SIZE_K rule and the shared-memory estimate.
-    block_k = spec.block_shape[1] if spec is not None and spec.block_shape else None
-    if spec is None and table is not None:
-        block_k = max(c.BLOCK_SIZE_K for M in batch_sizes for c in table.configs(M))
-    operand_bytes = 1 if spec is not None and spec.dtype == "fp8_w8a8" else 2
-    smem = getattr(measurer, "shared_memory_bytes", space.H100_SHARED_MEMORY_BYTES)
-    # The exhaustive grid keeps every config (rejected ones are recorded as failures, so a recorded table is whole).
-    candidates = [c for c in space.grid(block_k)
-                  if sampler == "grid" or space.fits_shared_memory(c, operand_bytes, operand_bytes, smem)]
-    choices = dict(space.iter_choices(block_k))
-    if n_trials is None:
-        n_trials = len(space.grid(block_k)) if sampler == "grid" else DEFAULT_N_TRIALS
-
-    # Storage and studies.
-    if parallel:
-        storage = workers_storage(storage, default_storage(spec, table_name, journal=True), n_workers, progress)
-    storage_arg = storage if storage is not None else default_storage(spec, table_name)
-    store = open_storage(storage_arg)
-    base = study_base_name(spec, device_name, triton_version, table_name)
-    coord = Coordinator(store, storage_arg, base, device=device)
-    state = SearchState(candidates)
-    studies: dict[int, optuna.Study] = {}
-    samplers = {}
-    for i, M in enumerate(batch_sizes):
-        name = study_name(base, M)
-        samplers[M] = make_sampler(sampler, state, M, choices, None if seed is None else seed * 1009 + i)
-        try:
-            study = optuna.create_study(study_name=name, storage=store, direction="minimize",
-                                        sampler=samplers[M], load_if_exists=True)
-        except Exception as exc:
-            raise TuneError(f"cannot create study {name} in {storage_arg}: {str(exc).splitlines()[0][:300]}") from None
-        for key, value in study_attrs(base, M, spec, device_name, triton_version,
-                                      table_meta.get("torch", torch.__version__),
-                                      getattr(measurer, "description", type(measurer).__name__),
-                                      is_performance).items():
-            if study.user_attrs.get(key) != value:
-                study.set_user_attr(key, value)
-        studies[M] = study
-        coord.reap(study)  # trials of killed processes: failed and re-enqueued before the warm start
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if is_counted(t):
-                record(state, M, t)
-
-    defaults = {M: space.default_config(M, spec.E if spec else 256, spec.dtype if spec else None,
-                                        spec.block_shape if spec else None) for M in batch_sizes}
-    if warm_start and _worker is None:
-        from .warm_start import enqueue_warm_start
-
-        try:
-            enqueue_warm_start(studies, state, defaults, spec, device_name, list(tuned_config_dirs) + (
-                [output_dir] if output_dir is not None else []), n_trials=n_trials)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt("interrupted during the warm start; nothing was measured or exported; run the "
-                                    "same command again to resume") from None
-
     try:
+        batch_sizes = _check_batch_sizes(batch_sizes if batch_sizes is not None else space.DEFAULT_BATCH_SIZES)
+        if table is not None:
+            missing = [M for M in batch_sizes if M not in table.entries]
+            if missing:
+                raise TuneError(f"replay table {Path(replay).name} has no rows for batch size {missing[0]}; it has "
+                                f"{', '.join(map(str, table.batch_sizes))}")
+        device_name = table_meta.get("device") or getattr(measurer, "device_name", "unknown")
+        is_performance = bool(getattr(measurer, "is_performance", True))
+
+        # Candidates: the grid, with block quantization's BLOCK_SIZE_K rule and the shared-memory estimate.
+        block_k = spec.block_shape[1] if spec is not None and spec.block_shape else None
+        if spec is None and table is not None:
+            block_k = max(c.BLOCK_SIZE_K for M in batch_sizes for c in table.configs(M))
+        operand_bytes = 1 if spec is not None and spec.dtype == "fp8_w8a8" else 2
+        smem = getattr(measurer, "shared_memory_bytes", space.H100_SHARED_MEMORY_BYTES)
+        # The exhaustive grid keeps every config (rejected ones are recorded as failures, so a recorded table is whole).
+        candidates = [c for c in space.grid(block_k)
+                      if sampler == "grid" or space.fits_shared_memory(c, operand_bytes, operand_bytes, smem)]
+        choices = dict(space.iter_choices(block_k))
+        if n_trials is None:
+            n_trials = len(space.grid(block_k)) if sampler == "grid" else DEFAULT_N_TRIALS
+
+        # Storage and studies.
+        if parallel:
+            storage = workers_storage(storage, default_storage(spec, table_name, journal=True), n_workers, progress)
+        storage_arg = storage if storage is not None else default_storage(spec, table_name)
+        store = open_storage(storage_arg)
+        base = study_base_name(spec, device_name, triton_version, table_name)
+        coord = Coordinator(store, storage_arg, base, device=device)
+        state = SearchState(candidates)
+        studies: dict[int, optuna.Study] = {}
+        samplers = {}
+        for i, M in enumerate(batch_sizes):
+            name = study_name(base, M)
+            samplers[M] = make_sampler(sampler, state, M, choices, None if seed is None else seed * 1009 + i)
+            try:
+                study = optuna.create_study(study_name=name, storage=store, direction="minimize",
+                                            sampler=samplers[M], load_if_exists=True)
+            except Exception as exc:
+                raise TuneError(f"cannot create study {name} in {storage_arg}: {str(exc).splitlines()[0][:300]}") from None
+            for key, value in study_attrs(base, M, spec, device_name, triton_version,
+                                          table_meta.get("torch", torch.__version__),
+                                          getattr(measurer, "description", type(measurer).__name__),
+                                          is_performance).items():
+                if study.user_attrs.get(key) != value:
+                    study.set_user_attr(key, value)
+            studies[M] = study
+            coord.reap(study)  # trials of killed processes: failed and re-enqueued before the warm start
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+                if is_counted(t):
+                    record(state, M, t)
+
+        defaults = {M: space.default_config(M, spec.E if spec else 256, spec.dtype if spec else None,
+                                            spec.block_shape if spec else None) for M in batch_sizes}
+        if warm_start and _worker is None:
+            from .warm_start import enqueue_warm_start
+
+            try:
+                enqueue_warm_start(studies, state, defaults, spec, device_name, list(tuned_config_dirs) + (
+                    [output_dir] if output_dir is not None else []), n_trials=n_trials)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt("interrupted during the warm start; nothing was measured or exported; run the "
+                                        "same command again to resume") from None
+
         worker_errors: list[str] = []
+        times = LoopTimes()
         if parallel:
             if compile_workers is None:
-                compile_workers = max(1, ((os.cpu_count() or 2) - n_workers) // n_workers - 1)
+                compile_workers = max(1, (usable_cores() - n_workers) // n_workers - 1)
             own = measurer is table or measurer is owned  # workers build their own
             kwargs = dict(spec=spec, replay=replay, measurer=None if own else measurer, batch_sizes=batch_sizes,
                           n_trials=n_trials, timeout_s=timeout_s, storage=storage_arg, sampler=sampler, seed=seed,
@@ -258,15 +269,31 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                           output_dir=None, progress=False)
             interrupted, worker_errors = run_workers(kwargs, n_workers, devices, studies, n_trials, progress)
         else:
-            interrupted = _run_search(studies, samplers, state, measurer, n_trials, timeout_s, started, progress,
-                                      defaults, choices, coord, spec, device, compile_workers, _worker)
+            if pool is None and getattr(measurer, "kind", type(measurer).__name__) == "CudaGraphTimer":
+                pool = _compile_pool(spec, compile_workers, device)  # a CudaGraphTimer given as measurer=
+            times.extra["start_s"] = time.perf_counter() - started
+            interrupted = run_trials(studies, samplers, state, measurer, pool, n_trials, coord=coord, choices=choices,
+                                     defaults=defaults, deadline=None if timeout_s is None else started + timeout_s,
+                                     progress=progress, stop=_worker.stop if _worker is not None else None,
+                                     times=times)
+            times.extra["search_s"] = time.perf_counter() - started - times.extra["start_s"]
         if _worker is not None:
             return None  # the tuning process that started this worker collects, checks and exports
-        result = _collect(studies, defaults, measurer, storage_arg, spec, is_performance, started, interrupted)
+        result = _collect(studies, defaults, measurer, pool, storage_arg, spec, is_performance, started, interrupted)
         result.worker_errors = worker_errors
+        t0 = time.perf_counter()
+        if confirm and is_performance and measurer is not table and not interrupted:
+            _confirm(result, studies, measurer, pool, defaults)
+        t1 = time.perf_counter()
         apply_guard(result, studies, measurer, spec, guard, replay_mode=replay is not None)
+        t2 = time.perf_counter()
         _export(result, spec, output_dir, device_name, triton_version)
+        result.wall_s = time.perf_counter() - started
+        if not parallel:
+            result.timings = _timings(times, pool, t1 - t0, t2 - t1, result.wall_s - (t2 - started))
     finally:
+        if pool is not None and pool is not compile_pool:
+            pool.close()
         if owned is not None:
             owned.close()
     if progress:
@@ -274,130 +301,37 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
     return result
 
 
-def _run_search(studies, samplers, state, measurer, n_trials, timeout_s, started, progress, defaults, choices,
-                coord, spec, device, compile_workers, worker) -> bool:
-    pool = None
-    if type(measurer).__name__ == "CudaGraphTimer" or getattr(measurer, "kind", None) == "CudaGraphTimer":
-        from .compile import CompilePool
+def _compile_pool(spec: ModelSpec, workers: int | None, device: str | None):
+    """The compile pool of a GPU tune, its workers started at once (their imports overlap the study set-up)."""
+    from .compile import CompilePool
 
-        pool = CompilePool(spec, workers=compile_workers, device=device or "cuda")
-    try:
-        return _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress, defaults,
-                       choices, coord, stop=worker.stop if worker is not None else None)
-    finally:
-        if pool is not None:
-            pool.close()
+    pool = CompilePool(spec, workers=workers, device=device or "cuda")
+    pool.prestart()
+    return pool
 
 
-def _search(studies, samplers, state, measurer, pool, n_trials, timeout_s, started, progress, defaults, choices,
-            coord, stop=None) -> bool:
-    """Round-robin over batch sizes until every study has n_trials counted trials, time runs out, or Ctrl-C.
+def _confirm(result: TuneResult, studies, measurer, pool, defaults) -> None:
+    """Re-measure the close contenders and the defaults (confirm.py); the defaults' latencies become the fresh
+    medians, so each speedup compares two measurements of the same pass."""
+    from .confirm import confirm
 
-    Each trial is claimed through the coordinator (shared budget, no config twice, stale trials retried), so
-    this loop runs the same alone or as one of many workers. Returns whether the search was interrupted.
-    """
-    from .progress import Progress
-
-    bar = Progress(studies, n_trials, defaults, enabled=progress)
-    done: set[int] = set()
-    measured_here: set[int] = set()
-
-    def out_of_time() -> bool:
-        return timeout_s is not None and time.perf_counter() - started > timeout_s
-
-    with StopFlag(external=stop, install=stop is None) as flag, coord.heartbeat():
-        while not flag.stop and len(done) < len(studies) and not out_of_time():
-            if pool is not None:
-                # Compile what each batch size will likely run next while the GPU times this round.
-                open_ms = [M for M in studies if M not in done]
-                queued = (config_of(t) for M in open_ms
-                          for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-                pool.ensure(c for c in queued if c is not None)
-                pool.ensure(c for M in open_ms for c in state.lookahead(M, 1))
-                pool.ensure((c for M in open_ms for c in state.lookahead(M, LOOKAHEAD)), speculative=True)
-            claimed = busy = False
-            for M, study in studies.items():
-                if M in done or flag.stop or out_of_time():
-                    continue
-                claim = coord.claim(study, M, samplers[M], state, n_trials,
-                                    getattr(samplers[M], "choices", choices))
-                if claim == DONE:
-                    done.add(M)
-                    if M in measured_here:
-                        refresh_study_note(study)  # this batch size is done: its dashboard note is final
-                    continue
-                if claim == BUSY:
-                    busy = True
-                    continue
-                trial, config = claim
-                claimed = True
-                m = _measure_claimed(coord, study, trial, measurer, pool, config, M)
-                if _tell(study, trial, config, m, state, M):
-                    measured_here.add(M)
-                    bar.update(M, config, m)
-            if busy and not claimed:
-                time.sleep(BUSY_POLL_S)  # the last trials run in other processes; they may finish or go stale
-    bar.close()
-    return flag.stop
+    for M, medians in confirm(studies, measurer, pool, defaults).items():
+        if defaults[M] in medians:
+            result.default_latency_us[M] = medians[defaults[M]]
+            studies[M].set_user_attr("default_latency_us", medians[defaults[M]])
 
 
-def _measure_claimed(coord, study, trial, measurer, pool, config: Config, M: int) -> Measurement:
-    coord.running(study, trial)
-    try:
-        return _measure(measurer, pool, config, M)
-    except BaseException:  # Ctrl-C twice, or an error: the trial is retried by the next run, not left RUNNING
-        coord.release(study, trial._trial_id, trial.params, trial.number, "stopped while it was measured")
-        raise
-    finally:
-        coord.running(None, None)
-
-
-def _measure(measurer, pool, config: Config, M: int) -> Measurement:
+def _timings(times: LoopTimes, pool, confirm_s: float, guard_s: float, after_guard_s: float) -> dict[str, float]:
+    """Where a tune's wall-clock time went, in seconds (TuneResult.timings)."""
+    out = {"start_s": times.extra.get("start_s", 0.0), "search_s": times.extra.get("search_s", 0.0),
+           "measuring_s": times.measuring_s, "compile_wait_s": times.compile_wait_s, "confirm_s": confirm_s,
+           "guard_s": guard_s, "collect_export_s": after_guard_s, "measured": float(times.measured)}
     if pool is not None:
-        try:
-            failure = pool.result(config)
-        except Exception:  # a broken compile pool (a compiler crash): the measurer compiles the config itself
-            failure = None
-        # Only a compile failure is the pool's to report: a launch error there (a compile worker whose CUDA
-        # context an earlier config broke) is retried by the measurer.
-        if failure is not None and failure.startswith(COMPILE_FAILURES):
-            return Measurement(None, failure)
-    try:
-        return measurer.measure(config, M)
-    except TuneError:
-        raise
-    except Exception as exc:  # failure is a value: never let one config end the study
-        from .measure import describe_failure
-
-        return Measurement(None, describe_failure(exc))
+        out["compiled"] = float(pool.compiled)
+    return out
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measurement, state: SearchState,
-          M: int) -> bool:
-    """Record a measurement; False if another process failed the trial meanwhile (its heartbeat looked stale:
-    the config is retried, this measurement dropped)."""
-    try:
-        for key, value in m.attrs.items():
-            trial.set_user_attr(key, value)
-        if m.ok:
-            study.tell(trial, m.latency_us)
-        else:
-            trial.set_user_attr("error", m.error)
-            study.tell(trial, state=TrialState.FAIL)
-    except (UpdateFinishedTrialError, ValueError):
-        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-            raise
-        print(f"moe-opt: trial {trial.number} (M={M}) was failed by another process meanwhile; its config is "
-              "retried and this measurement dropped", flush=True)
-        return False
-    if m.ok:
-        state.record(M, config, m.latency_us)
-    else:
-        state.record(M, config, None, compile_failure=(m.error or "").startswith(COMPILE_FAILURES))
-    return True
-
-
-def _collect(studies, defaults, measurer, storage_arg, spec, is_performance, started, interrupted) -> TuneResult:
+def _collect(studies, defaults, measurer, pool, storage_arg, spec, is_performance, started, interrupted) -> TuneResult:
     best, latency, default_latency, used, names = {}, {}, {}, {}, {}
     for M, study in studies.items():
         names[M] = study.study_name
@@ -412,7 +346,7 @@ def _collect(studies, defaults, measurer, storage_arg, spec, is_performance, sta
         if default_latency[M] is None and measurer is not None and not tried:
             # The default lies outside the search space (or warm start was off): time it apart from the budget.
             # (A default that failed as a trial is not tried again: it may crash or hang the measurer.)
-            m = _measure(measurer, None, defaults[M], M)
+            m = measure_one(measurer, pool, defaults[M], M)
             if m.ok:
                 default_latency[M] = m.latency_us
                 study.set_user_attr("default_latency_us", m.latency_us)

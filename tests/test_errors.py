@@ -95,7 +95,7 @@ CASES = [
      "replay table columns.csv lacks column\\(s\\) BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, "
      "num_stages; needed: M, BLOCK_SIZE_M"),
     ("replay table has no rows for a batch size", dict(batch_sizes=[1, 7], **REPLAY), ["--batch-sizes", "1,7"],
-     "replay table DeepSeek-V4-Flash_tp8_H200.csv has no rows for batch size 7; it has 1, 16, 64, 1024"),
+     "replay table DeepSeek-V4-Flash_tp8_H200.csv has no rows for batch size 7; it has 1, 16, 64, 256, 1024, 4096"),
     ("n_trials below one", dict(replay=TABLE, n_trials=0, output_dir="out", progress=False), ["--n-trials", "0"],
      "n_trials must be an integer >= 1, got 0"),
 ]
@@ -164,4 +164,4 @@ def test_ctrl_c_during_the_warm_start_exports_nothing_and_resumes(files, tmp_pat
 
     monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
     result = moe_opt.tune(replay=TABLE, n_trials=2, storage="sqlite:///s.db", output_dir="out", progress=False)
-    assert result.trials_used == {1: 2, 16: 2, 64: 2, 1024: 2} and result.files["sglang"].exists()
+    assert result.trials_used == {1: 2, 16: 2, 64: 2, 256: 2, 1024: 2, 4096: 2} and result.files["sglang"].exists()

@@ -99,7 +99,7 @@ def test_kill_9_mid_trial_keeps_every_trial_retries_the_interrupted_config_and_e
     assert [config_of(t) for t in running] == [config_killed]
     finished = {(M, t.number): (t.state, t.params, t.value)
                 for M, ts in after_kill.items() for t in ts if t.state.is_finished()}
-    assert len(finished) == 4 * 2 + 6  # the first run's 8 and the 6 measured before the kill
+    assert len(finished) == 6 * 2 + 6  # the first run's 12 and the 6 measured before the kill
     assert exported(tmp_path / "out") == files_before  # untouched, whole, no temp files beside them
 
     # The same command again: continues from where it was.
@@ -198,7 +198,7 @@ def test_a_config_that_kills_the_measuring_process_fails_alone(tmp_path, how, re
         result = moe_opt.tune(replay=TABLE, measurer=measurer, n_trials=3, storage=f"sqlite:///{tmp_path}/i.db",
                               output_dir=None, progress=False)
         assert measurer.crashes == crashes  # only the bad config; the default is not re-timed outside the budget
-    assert result.trials_used == {1: 3, 16: 3, 64: 3, 1024: 3}
+    assert result.trials_used == {1: 3, 16: 3, 64: 3, 256: 3, 1024: 3, 4096: 3}
     at_16 = sorted(trials(f"sqlite:///{tmp_path}/i.db", result)[16], key=lambda t: t.number)
     assert config_of(at_16[0]) == bad
     assert at_16[0].state == TrialState.FAIL and at_16[0].user_attrs["error"] == reason
@@ -231,7 +231,7 @@ def test_a_config_that_fails_the_guard_is_not_exported_the_next_best_is(tmp_path
     assert f"correctness guard, M=64: excluded trial {complete[0].number} {wrong}: failed: error 0.31 > 0.06" in out
     sglang = json.loads(result.files["sglang"].read_text())
     assert Config.from_dict(sglang["64"]) == config_of(complete[1])
-    for M in (1, 16, 1024):  # the others pass and keep their fastest config
+    for M in (1, 16, 256, 1024, 4096):  # the others pass and keep their fastest config
         assert result.best[M] == fastest.best[M] or Config.from_dict(fastest.best[M]) == wrong
 
 

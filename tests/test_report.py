@@ -57,7 +57,7 @@ def _wait(driver, script: str, timeout_s: float = 20.0):
 
 def test_summary_has_one_row_per_batch_size_with_speedup_and_grid_optimum(replay_db):
     df = summary(replay_db)
-    assert list(df["M"]) == [1, 16, 64, 1024]
+    assert list(df["M"]) == [1, 16, 64, 256, 1024, 4096]
     assert (df["trials"] == 10).all() and (df["failures"] == 0).all()
     assert df["speedup"].round(6).tolist() == (df["default_us"] / df["latency_us"]).round(6).tolist()
     # The bundled table the replay searched gives the grid optimum; nothing beats it.
@@ -106,9 +106,9 @@ def test_report_writes_offline_html_and_the_summary_as_csv_and_markdown(replay_d
     assert "H200 copy bandwidth, measured ~4300 GB" in html  # (plotly writes "/" as \\u002f)
     assert "Replayed search" in html
     csv = pd.read_csv(out.with_suffix(".csv"))
-    assert list(csv["M"]) == [1, 16, 64, 1024] and csv["speedup"].gt(1).all()
+    assert list(csv["M"]) == [1, 16, 64, 256, 1024, 4096] and csv["speedup"].gt(1).all()
     md = out.with_suffix(".md").read_text().splitlines()
-    assert md[0].startswith("| model | shape |") and len(md) == 2 + 4
+    assert md[0].startswith("| model | shape |") and len(md) == 2 + 6
 
 
 def test_report_plots_render_in_chromium(replay_db, tmp_path, browser, screenshot):

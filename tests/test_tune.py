@@ -1,7 +1,8 @@
 """tune(): studies in a real SQLite file that resume, exported config files, replay mode, the search's quality.
 
 On the CPU the measurements come from Triton's interpreter (a scaled-down shape) or from replay tables: the
-recorded DeepSeek-V4-Flash table (H200) and small synthetic tables made here.
+full-grid tables recorded on an H200 (DeepSeek-V4-Flash fp8 TP8, Qwen3-30B-A3B bf16 TP1) and small synthetic tables
+made here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import optuna
 import pytest
@@ -19,6 +21,7 @@ from moe_opt.cli import main
 from moe_opt.table import ReplayTable, record_table
 
 DSV4_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv"
+QWEN_TABLE = "moe_opt/data/Qwen3-30B-A3B_tp1_H200.csv"
 
 
 @pytest.fixture(autouse=True)
@@ -156,17 +159,120 @@ def test_warm_start_measures_sglang_default_and_existing_tuned_file_first(tmp_pa
     assert r.default_latency_us[64] == pytest.approx(table.configs(64)[configs[0]])
 
 
-@pytest.mark.parametrize("budget", [32, 48])
-def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(budget):
-    """Goal 1 of the performance issue, on the real H200 table: deterministic (seeded), no GPU."""
+class LoggedReplay(ReplayTable):
+    """The recorded table, writing when it measured which config at which batch size (it runs in the isolated
+    measuring process, so it tells the test through a file)."""
+
+    def __init__(self, path, log):
+        super().__init__(path)
+        self.log = log
+
+    def measure(self, config, M):
+        with open(self.log, "a") as f:
+            f.write(json.dumps([time.time(), M, config.to_dict()]) + "\n")
+        return super().measure(config, M)
+
+
+def test_on_the_gpu_path_configs_are_measured_as_their_compiles_finish(tmp_path):
+    """The GPU path's trial loop (loop.py): every batch size holds a claimed config that compiles while others
+    are measured, measurements queue in the isolated process, compile failures are told without measuring.
+    The compile pool is the real CompilePool, its GPU worker processes replaced by threads that take a scripted
+    time per config (compiling needs a GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from moe_opt.compile import CompilePool
+    from moe_opt.isolation import IsolatedMeasurer
+
     table = ReplayTable(repo_path(DSV4_TABLE))
+    spec = moe_opt.ModelSpec.from_dict(table.metadata()["spec"])
+    # M=1's first trial (no warm start: a seeded first proposal, the same whatever measures it) compiles slowly.
+    kwargs = dict(replay=repo_path(DSV4_TABLE), warm_start=False, seed=3, output_dir=None, progress=False)
+    first = moe_opt.tune(n_trials=1, storage=optuna.storages.InMemoryStorage(), **kwargs)
+    slow = Config.from_dict(first.best[1])
+    compiled_at: dict[Config, float] = {}
+
+    def scripted_compile(config: Config) -> str | None:
+        time.sleep(1.5 if config == slow else 0.05)
+        compiled_at[config] = time.time()
+        if config.num_warps == 8 and config.GROUP_SIZE_M == 64:
+            return "OutOfResources: out of resource: shared memory (scripted)"
+        return None
+
+    log = tmp_path / "measured.jsonl"
+    with ThreadPoolExecutor(4) as threads, \
+            IsolatedMeasurer(partial(LoggedReplay, repo_path(DSV4_TABLE), str(log)), timeout_s=30) as measurer:
+        pool = CompilePool(spec, workers=4, shared_memory_bytes=232_448, executor=threads,
+                           compile_fn=scripted_compile)
+        r = moe_opt.tune(measurer=measurer, compile_pool=pool, n_trials=12, storage="sqlite:///gpu_path.db",
+                         guard=False, confirm=False, **kwargs)
+    assert r.trials_used == {M: 12 for M in table.batch_sizes}
+    measured = [(t, M, Config.from_dict(c)) for t, M, c in map(json.loads, log.read_text().splitlines())]
+    # Nothing was measured before its compile finished; nothing that failed to compile was measured.
+    assert all(compiled_at[c] <= t for t, _, c in measured)
+    assert not [c for _, _, c in measured if c.num_warps == 8 and c.GROUP_SIZE_M == 64]
+    failed = [t for M in table.batch_sizes for t in optuna.load_study(
+        study_name=r.study_names[M], storage="sqlite:///gpu_path.db").trials if t.state.name == "FAIL"]
+    assert all(t.user_attrs["error"].startswith("OutOfResources") for t in failed)
+    assert r.timings["measured"] + len(failed) == 6 * 12
+    assert len(measured) == r.timings["measured"] + 6  # and SGLang's defaults, timed apart (no warm start here)
+    # M=1's slow compile held up no one: the other batch sizes were measured meanwhile.
+    first_at_1 = min(t for t, M, _ in measured if M == 1)
+    assert {M for t, M, _ in measured if t < first_at_1} == {16, 64, 256, 1024, 4096}
+    assert r.timings["compiled"] == len(compiled_at) and r.timings["measuring_s"] > 0
+
+
+class LuckyOnce(ReplayTable):
+    """The recorded table, except that SGLang's default config at M=64 measures twice as fast the first time: a
+    lucky draw, as noise gives one config among 48 on a GPU."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        spec = moe_opt.ModelSpec.from_dict(self.metadata()["spec"])
+        self.lucky = space.default_config(64, spec.E, spec.dtype, spec.block_shape)
+        self.seen = set()
+
+    def measure(self, config, M):
+        m = super().measure(config, M)
+        if (config, M) == (self.lucky, 64) and (config, M) not in self.seen:
+            self.seen.add((config, M))
+            return moe_opt.measure.Measurement(m.latency_us / 2, None, m.attrs)
+        return m
+
+
+def test_close_contenders_are_measured_again_so_a_lucky_draw_is_not_exported(tmp_path):
+    table = ReplayTable(repo_path(DSV4_TABLE))
+    kwargs = dict(replay=repo_path(DSV4_TABLE), batch_sizes=[16, 64], n_trials=12, output_dir=None, progress=False)
+    cursed = moe_opt.tune(measurer=LuckyOnce(repo_path(DSV4_TABLE)), confirm=False, storage="sqlite:///a.db",
+                          **kwargs)
+    lucky = LuckyOnce(repo_path(DSV4_TABLE)).lucky
+    assert Config.from_dict(cursed.best[64]) == lucky  # without re-measuring, the lucky draw wins
+
+    r = moe_opt.tune(measurer=LuckyOnce(repo_path(DSV4_TABLE)), storage="sqlite:///b.db", **kwargs)
+    true_us = table.configs(64)
+    assert Config.from_dict(r.best[64]) != lucky
+    assert r.latency_us[64] == pytest.approx(true_us[Config.from_dict(r.best[64])])
+    assert r.default_latency_us[64] == pytest.approx(true_us[lucky])  # the fresh measurement, not the lucky one
+    assert r.speedup()[64] >= 1.0
+    study = optuna.load_study(study_name=r.study_names[64], storage="sqlite:///b.db")
+    assert study.user_attrs["confirmed"]  # {trial number: us}, kept in the study
+    assert min(study.user_attrs["confirmed"].values()) == pytest.approx(r.latency_us[64])
+
+
+@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE])
+def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table_path):
+    """Goal 1 of the performance issue, on the full-grid tables recorded on an H200 (DeepSeek-V4-Flash fp8 block
+    TP8 and Qwen3-30B-A3B bf16 TP1, six batch sizes each): with 48 trials per batch size, the best config found is
+    within 1% of the grid optimum at every batch size in at least 95% of seeds. Deterministic (seeded), no GPU."""
+    table = ReplayTable(repo_path(table_path))
+    assert table.batch_sizes == [1, 16, 64, 256, 1024, 4096]
     seeds = range(20)
     hits = {M: 0 for M in table.batch_sizes}
     for seed in seeds:
-        r = moe_opt.tune(replay=repo_path(DSV4_TABLE), n_trials=budget, seed=seed,
+        r = moe_opt.tune(replay=repo_path(table_path), n_trials=48, seed=seed,
                          storage=optuna.storages.InMemoryStorage(), output_dir=None, progress=False)
         for M in table.batch_sizes:
-            assert r.trials_used[M] == budget
+            assert r.trials_used[M] == 48
             hits[M] += r.latency_us[M] <= 1.01 * table.best(M)[1]
     assert all(h / len(seeds) >= 0.95 for h in hits.values()), hits
 

@@ -58,7 +58,7 @@ def test_four_workers_on_a_journal_share_the_budget_without_duplicates(tmp_path,
     result = moe_opt.tune(replay=TABLE, measurer=SlowReplay(TABLE), n_workers=4, n_trials=10, storage=storage,
                           output_dir=tmp_path / "out", progress=False)
     check_shared_study(storage, result, n_trials=10, n_workers=4)
-    assert sorted(result.best) == [1, 16, 64, 1024] and result.files["sglang"].exists()
+    assert sorted(result.best) == [1, 16, 64, 256, 1024, 4096] and result.files["sglang"].exists()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "locked" not in err
 
