@@ -1,18 +1,22 @@
 """Compare samplers on recorded grid tables (replay mode, no GPU): how close to the grid optimum each gets.
 
-    python benchmarks/compare_samplers.py moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv --seeds 20
+    PYTHONPATH=. python benchmarks/compare_samplers.py moe_opt/data/DeepSeek-V4-Flash_tp8_H100.csv --seeds 20 \
+        --json benchmarks/results/samplers_DeepSeek-V4-Flash_tp8_H100.json
 
 For every sampler and seed, one tune of 128 trials per batch size; the best config after the first n trials
 (n = 16, 32, 48, 64, 128) is compared with the table's optimum. Prints a Markdown table: median ratio to the
-optimum and P(within 1%) over seeds, per budget (worst batch size and mean over batch sizes).
+optimum and P(within 1%) over seeds, per budget (worst batch size and mean over batch sizes); ``--json`` also
+writes the numbers, per batch size too, for benchmarks/write_performance.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import optuna
 
@@ -23,7 +27,6 @@ BUDGETS = (16, 32, 48, 64, 128)
 SAMPLERS = {  # label: (sampler, warm start)
     "random": ("random", False),
     "Optuna TPE (defaults)": ("tpe", False),
-    "Optuna TPE + warm start": ("tpe", True),
     "moe_opt (default)": ("moe", True),
     "moe_opt without warm start": ("moe", False),
 }
@@ -50,21 +53,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table")
     p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     batch_sizes = ReplayTable(args.table).batch_sizes
     print(f"table {args.table}, batch sizes {batch_sizes}, {args.seeds} seeds\n")
     print("| sampler | trials per M | median ratio to optimum | P(within 1%), worst M | P(within 1%), mean over M |")
     print("| --- | --- | --- | --- | --- |")
+    rows = []
     for label, (sampler, warm) in SAMPLERS.items():
         t0 = time.perf_counter()
         runs = [ratios(args.table, sampler, warm, seed) for seed in range(args.seeds)]
         for b in BUDGETS:
             all_ratios = [r[b][M] for r in runs for M in batch_sizes]
             p_within = {M: sum(r[b][M] <= 1.01 for r in runs) / len(runs) for M in batch_sizes}
+            rows.append({"sampler": label, "trials": b, "median_ratio": statistics.median(all_ratios),
+                         "worst_ratio": max(all_ratios), "p_within_1pct": p_within,
+                         "p_worst": min(p_within.values()), "p_mean": statistics.mean(p_within.values())})
             print(f"| {label} | {b} | {statistics.median(all_ratios):.4f} | {min(p_within.values()):.2f} | "
                   f"{statistics.mean(p_within.values()):.2f} |", flush=True)
         print(f"<!-- {label}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
+    if args.json:
+        out = {"table": args.table, "batch_sizes": batch_sizes, "seeds": args.seeds, "budgets": list(BUDGETS),
+               "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -1,0 +1,86 @@
+"""Goal 2 of the performance issue, end to end: tune a model for all 18 batch sizes on one GPU, cold Triton cache.
+
+    PYTHONPATH=. python benchmarks/e2e_tune.py --model deepseek-ai/DeepSeek-V4-Flash --tp 8 \
+        --json benchmarks/results/e2e_DeepSeek-V4-Flash_tp8_H100.json
+
+Points TRITON_CACHE_DIR at a new empty directory before Triton is imported, runs ``moe_opt.tune`` with its
+studies and config files in a new directory (nothing reused), and writes a JSON record: the wall time from
+this script's start (imports included), the tune's own timings, and per batch size the tuned config, its
+latency, SGLang's default's latency (both the re-measured medians), speedup, achieved GB/s and TFLOP/s; with
+the card, CPU cores, versions and the command. benchmarks/write_performance.py turns it into docs.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deepseek-ai/DeepSeek-V4-Flash")
+    p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--json", required=True, help="where the record goes")
+    p.add_argument("--workdir", default=None, help="studies, config files and Triton cache (default: a new temp dir)")
+    args = p.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
+    cache = work / "triton_cache"
+    if cache.exists() and any(cache.iterdir()):
+        sys.exit(f"{cache} is not empty: the run must start from a cold Triton cache")
+    os.environ["TRITON_CACHE_DIR"] = str(cache)  # before Triton is imported
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+
+    import torch
+    import triton
+
+    import moe_opt
+    from moe_opt.coordination import config_of
+    from moe_opt.guard import latency_of
+    from moe_opt.measure import copy_bandwidth_gbps
+    from moe_opt.study import open_storage
+
+    result = moe_opt.tune(model=args.model, tp_size=args.tp)
+    wall_s = time.time() - STARTED
+
+    import optuna
+
+    store = open_storage(result.storage)
+    rows = []
+    for M in sorted(result.best):
+        study = optuna.load_study(study_name=result.study_names[M], storage=store)
+        best = min((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"
+                    and config_of(t).to_dict() == result.best[M]), key=lambda t: latency_of(study, t))
+        scale = best.value / result.latency_us[M]  # attrs were computed with the trial's own latency
+        rows.append({"M": M, "config": result.best[M], "us": result.latency_us[M],
+                     "default_us": result.default_latency_us.get(M), "trials": result.trials_used.get(M),
+                     "gbps": best.user_attrs.get("gbps", float("nan")) * scale,
+                     "tflops": best.user_attrs.get("tflops", float("nan")) * scale})
+    record = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "model": args.model, "tp_size": args.tp, "spec": result.spec.to_dict(),
+        "device": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)), "triton": triton.__version__, "torch": torch.__version__,
+        "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
+        "wall_s": round(wall_s, 1), "tune_wall_s": round(result.wall_s, 1),
+        "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
+        "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
+        "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wall {wall_s:.1f} s from the script's start (imports included); wrote {args.json}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
