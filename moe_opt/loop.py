@@ -111,7 +111,16 @@ def run_trials(studies: dict[int, optuna.Study], samplers: dict, state: SearchSt
                progress: bool, stop: Any = None, times: LoopTimes | None = None) -> bool:
     """Run trials until every study has n_trials counted trials, the deadline (time.perf_counter()) passes, or
     Ctrl-C. Every trial is claimed through the coordinator (shared budget, no config twice, stale trials retried),
-    so this runs the same alone or as one of many workers. Returns whether the search was interrupted."""
+    so this runs the same alone or as one of many workers. Returns whether the search was interrupted.
+
+    Example:
+        >>> times = LoopTimes()  # tune() sets up the studies, samplers, search state and coordinator  # doctest: +SKIP
+        >>> run_trials(studies, samplers, state, measurer, pool, 48, coord=coord, choices=choices,
+        ...            defaults=defaults, deadline=None, progress=True, times=times)  # doctest: +SKIP
+        False
+        >>> times.measured, round(times.compile_wait_s, 1)  # doctest: +SKIP
+        (864, 17.2)
+    """
     from .progress import Progress
     from .workers import StopFlag
 
