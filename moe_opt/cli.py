@@ -40,7 +40,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   seed=args.seed, output_dir=None if args.no_export else args.output_dir,
                   warm_start=not args.no_warm_start, tuned_config_dirs=args.tuned_config_dir,
                   device=args.device, replay=args.replay, compile_workers=args.compile_workers,
-                  progress=True, n_workers=args.workers)
+                  progress=True, n_workers=args.workers, confirm=not args.no_confirm)
     return 130 if result.interrupted else 1 if result.worker_errors else 0
 
 
@@ -151,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not measure SGLang's default and existing tuned configs first")
     how.add_argument("--tuned-config-dir", action="append", default=[],
                      help="directory with existing SGLang/vLLM tuned files to warm-start from (repeatable)")
+    how.add_argument("--no-confirm", action="store_true",
+                     help="on the GPU, do not re-measure the close contenders and SGLang's default before export "
+                          "(by default each batch size's best few are timed three more times and ranked by the medians)")
     how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
     how.add_argument("--compile-workers", type=int, default=None,
-                     help="processes compiling configs ahead of timing (default: CPU cores - 2)")
+                     help="processes compiling configs ahead of timing (default: usable CPU cores - 2, at most 15)")
     how.add_argument("--workers", type=int, default=1,
                      help="processes searching the studies together, one per GPU (default 1); they share a "
                           "journal:PATH or postgresql:// storage (default journal:studies/<model>.journal), not "
