@@ -145,7 +145,9 @@ def test_ctrl_c_during_the_warm_start_exports_nothing_and_resumes(files, tmp_pat
     def interrupted_enqueue(self, *args, **kwargs):  # a real SIGINT, delivered while the warm start enqueues
         if not signals:
             signals.append(True)
-            os.kill(os.getpid(), signal.SIGINT)
+            # raise_signal, not os.kill: the kernel may hand a process-directed SIGINT to another thread (tqdm's
+            # monitor, a heartbeat), and the main thread then sees it a little later, deep inside SQLAlchemy.
+            signal.raise_signal(signal.SIGINT)
         return enqueue(self, *args, **kwargs)
 
     monkeypatch.setattr(optuna.Study, "enqueue_trial", interrupted_enqueue)

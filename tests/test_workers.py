@@ -7,6 +7,7 @@ Replay mode with a measurer slowed to 0.1 s per config, so the workers' trials r
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import time
@@ -87,10 +88,13 @@ def test_workers_across_hosts_share_a_postgresql_storage(tmp_path):
     """CI starts a PostgreSQL server and sets MOE_OPT_TEST_POSTGRES_URL (.ci/run); an unreachable server fails."""
     if not POSTGRES_URL:
         pytest.skip("MOE_OPT_TEST_POSTGRES_URL is not set (CI sets it and starts PostgreSQL)")
-    # A table of our own name: study names derive from it, so every run gets fresh studies.
-    table = tmp_path / f"dsv4_{uuid.uuid4().hex[:8]}.csv"
+    # Fresh studies on every run of this test against a long-lived server: study names hold the sidecar's shape
+    # and device (not the table's file name), so the copy's sidecar names a device of its own.
+    table = tmp_path / "dsv4.csv"
     shutil.copy(TABLE, table)
-    shutil.copy(TABLE + ".json", str(table) + ".json")
+    meta = json.loads(Path(TABLE + ".json").read_text())
+    meta["device"] = f"NVIDIA H200 test-{uuid.uuid4().hex[:8]}"
+    Path(str(table) + ".json").write_text(json.dumps(meta))
     store = open_storage(POSTGRES_URL)  # raises TuneError (the test fails) if the server is unreachable
     try:
         result = moe_opt.tune(replay=str(table), measurer=SlowReplay(str(table)), n_workers=3, n_trials=6,
