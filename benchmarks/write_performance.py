@@ -124,7 +124,9 @@ def e2e_section(run: dict, tables: dict) -> list[str]:
                  "output." if copy else "")]
     if grid:
         lines += ["", f"The grid optimum column is from `moe_opt/data/{grid[0]}.csv`, recorded on another "
-                  "GPU of the same kind; ratios within 1–2% are within the run-to-run noise of two machines."]
+                  "GPU of the same kind; the optimum there is the least of over a thousand single measurements "
+                  "(biased low, as a tune's best was before re-measuring), so ratios within 1–2% are within the "
+                  "noise between two machines and two measuring schemes."]
     return lines + [""]
 
 
@@ -236,7 +238,7 @@ def main() -> int:
         lines += e2e_section(run, tables)
     lines += ["## The recorded grids", "",
               "Every config of SGLang's space (`space.grid()`: BLOCK_SIZE_K limited to divisors of block_k under "
-              "block quantization) compiled, then timed at six batch sizes with the tuner's timer. Configs are "
+              "block quantization) compiled, then timed at each batch size listed with the tuner's timer. Configs are "
               "written BLOCK_SIZE_M/N/K/GROUP_SIZE_M/num_warps/num_stages. The landscapes are sharp: a handful "
               "of configs lie within 1% of the optimum.", ""] + grids_section(tables)
     lines += ["## Samplers on the recorded grids (goal 1)", "",
@@ -249,7 +251,8 @@ def main() -> int:
               "- SGLang's own kernel beside moe_opt's at the same configs: SGLang is not installed on the lent GPU "
               "machines, which reach no package index. The exported files are in SGLang's format and name; the "
               "speedups above are of moe_opt's kernel (same algorithm and tunables, docs/kernel.md).",
-              "- The grid tables on an H100 (see their notes above); the end-to-end runs are on the H100.",
+              "- Full grids on an H100 at six batch sizes: only M = 1 and 16 of DeepSeek-V4-Flash were recorded on "
+              "one (see the tables' notes); the end-to-end runs are on the H100.",
               "- `--workers N` on a multi-GPU host (tested on the CPU with four processes and PostgreSQL).", ""]
     text = "\n".join(lines).rstrip() + "\n"
     out = Path(args.out)
