@@ -138,7 +138,17 @@ def test_unknown_model_fails_fast_without_a_network_or_offline_flag(tmp_path, mo
     assert time.monotonic() - started < 15
 
 
-def test_ctrl_c_during_the_warm_start_exports_nothing_and_resumes(files, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raises KeyboardInterrupt, as in a terminal. A shell without job control starts background commands
+    with SIGINT ignored (POSIX) and Python keeps it ignored, so a test run started that way never sees a Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_warm_start_exports_nothing_and_resumes(files, tmp_path, monkeypatch, capsys,
+                                                                    terminal_sigint):
     enqueue = optuna.Study.enqueue_trial
     signals = []
 
