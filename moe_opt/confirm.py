@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .coordination import config_of
-from .loop import MeasureQueue, compile_failure
+from .loop import MeasureQueue
 from .space import Config
 
 CONFIRM_TOP = 3  # contenders per batch size, besides SGLang's default
@@ -48,7 +48,7 @@ def contenders(study: optuna.Study, confirmed: dict[Config, float], default: Con
     return {c: numbers[c] for c in dict.fromkeys(near)}
 
 
-def confirm(studies: dict[int, optuna.Study], measurer: Any, pool: Any, defaults: dict[int, Config], *,
+def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int, Config], *,
             rounds: int = CONFIRM_ROUNDS, top: int = CONFIRM_TOP, within: float = CONFIRM_WITHIN,
             max_passes: int = 3) -> dict[int, dict[Config, float]]:
     """Measure each batch size's contenders ``rounds`` more times; store and return {M: {config: median us}}.
@@ -58,7 +58,7 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, pool: Any, defaults
     A contender that fails on re-measurement (a flaky launch) gets no confirmed latency and keeps its trial value.
 
     Example:
-        >>> confirm(studies, measurer, pool, defaults)  # after the search; tune() does this  # doctest: +SKIP
+        >>> confirm(studies, measurer, defaults)  # after the search; tune() does this  # doctest: +SKIP
         {64: {Config(16, 64, 128, 32, 4, 3): 251.0, Config(64, 128, 128, 32, 4, 3): 291.8}, ...}
     """
     queue = MeasureQueue(measurer)
@@ -66,8 +66,7 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, pool: Any, defaults
     numbers: dict[int, dict[Config, list[int]]] = {M: {} for M in studies}
     for _ in range(max_passes):
         plan = {M: contenders(study, confirmed[M], defaults.get(M), top, within) for M, study in studies.items()}
-        order = [(M, c) for M, configs in plan.items() for c in configs
-                 if pool is None or compile_failure(pool, c) is None]
+        order = [(M, c) for M, configs in plan.items() for c in configs]  # all measured before: compiled
         if not order:
             break
         fresh: dict[tuple[int, Config], list[float]] = {}

@@ -10,20 +10,22 @@ from optuna.trial import TrialState
 
 from .errors import TuneError
 from .space import PARAM_NAMES, Config
-from .study import StudyInfo, list_moe_studies, open_storage
+from .study import StudyInfo, confirmed_latencies, latency_of, list_moe_studies, open_storage
 
 
 def best_configs(storage, info: StudyInfo) -> tuple[Config, float] | None:
-    """The fastest completed config of one study that the correctness guard did not reject, or None."""
+    """The fastest completed config of one study (by re-measured medians where the tune made them) that the
+    correctness guard did not reject, or None."""
     study = optuna.load_study(study_name=info.name, storage=storage)
-    rejected = {int(n) for n, outcome in (study.user_attrs.get("guard") or {}).items()
-                if str(outcome).startswith("failed")}
+    attrs = study.user_attrs
+    rejected = {int(n) for n, outcome in (attrs.get("guard") or {}).items() if str(outcome).startswith("failed")}
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.number not in rejected]
     if not complete:
         return None
-    top = min(complete, key=lambda t: t.value)
-    return Config(*(int(top.params[p]) for p in PARAM_NAMES)), float(top.value)
+    confirmed = confirmed_latencies(attrs)
+    top = min(complete, key=lambda t: latency_of(t, confirmed))
+    return Config(*(int(top.params[p]) for p in PARAM_NAMES)), latency_of(top, confirmed)
 
 
 def export_storage(storage_url, output_dir) -> list[Path]:

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from .measure import describe_failure
 from .space import Config
 from .spec import ModelSpec
+from .study import confirmed_latencies, latency_of
 
 GUARD_M = 17
 # The per-case bounds of tests/test_kernel.py (TOLERANCE), where their derivation is written down.
@@ -149,28 +150,24 @@ def _check_in_child(measurer: Any, config: Config) -> str:
     return check_config(measurer, config)
 
 
-def latency_of(study: optuna.Study, trial: Any) -> float:
-    """A completed trial's latency: its re-measured median where confirm.py re-measured it, else its value."""
-    confirmed = study.user_attrs.get("confirmed") or {}
-    return float(confirmed.get(str(trial.number), trial.value))
-
-
 def choose_exported(studies: dict[int, optuna.Study], guard: Guard | None, config_of: Callable,
                     max_checks: int = MAX_CHECKS_PER_M, skipped: str = SKIPPED_REPLAY
-                    ) -> tuple[dict, dict[int, str], dict[int, list[str]]]:
+                    ) -> tuple[dict, dict[int, str], dict[int, list[str]], dict[int, float]]:
     """Per batch size, the fastest completed trial (by :func:`latency_of`) that passes the guard.
 
-    Returns ({M: trial}, {M: its outcome}, {M: ["trial 12 M64 N128 ...: failed: error 0.31 > 0.06", ...]}).
+    Returns ({M: trial}, {M: its outcome}, {M: ["trial 12 M64 N128 ...: failed: error 0.31 > 0.06", ...]},
+    {M: the chosen trial's latency}).
     Outcomes already stored in the study for a trial are reused.
     """
-    chosen, outcomes, excluded = {}, {}, {}
+    chosen, outcomes, excluded, latency = {}, {}, {}, {}
     for M, study in studies.items():
+        confirmed = confirmed_latencies(study.user_attrs)  # one storage query per study
         complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                          key=lambda t: latency_of(study, t))
+                          key=lambda t: latency_of(t, confirmed))
         if not complete:
             continue
         if guard is None:
-            chosen[M], outcomes[M] = complete[0], skipped
+            chosen[M], outcomes[M], latency[M] = complete[0], skipped, latency_of(complete[0], confirmed)
             continue
         stored = dict(study.user_attrs.get("guard") or {})
         before = dict(stored)
@@ -182,7 +179,7 @@ def choose_exported(studies: dict[int, optuna.Study], guard: Guard | None, confi
                 if not result.startswith("skipped"):
                     stored[str(t.number)] = result
             if result.startswith(("passed", "skipped")):
-                chosen[M], outcomes[M] = t, result
+                chosen[M], outcomes[M], latency[M] = t, result, latency_of(t, confirmed)
                 break
             excluded.setdefault(M, []).append(f"trial {t.number} {config}: {result}")
         if M not in chosen:
@@ -190,7 +187,7 @@ def choose_exported(studies: dict[int, optuna.Study], guard: Guard | None, confi
                            "nothing exported for this batch size")
         if stored != before:
             study.set_user_attr("guard", stored)
-    return chosen, outcomes, excluded
+    return chosen, outcomes, excluded, latency
 
 
 def apply_guard(result: Any, studies: dict[int, optuna.Study], measurer: Any, spec: ModelSpec | None,
@@ -208,9 +205,9 @@ def apply_guard(result: Any, studies: dict[int, optuna.Study], measurer: Any, sp
         checker = Guard(spec, measurer)
     if checker is None and guard is not False:
         result.notes.append(f"correctness guard {skipped}")
-    chosen, result.guard, result.excluded = choose_exported(studies, checker, config_of, skipped=skipped)
+    chosen, result.guard, result.excluded, result.latency_us = choose_exported(studies, checker, config_of,
+                                                                               skipped=skipped)
     result.best = {M: config_of(t).to_dict() for M, t in chosen.items()}
-    result.latency_us = {M: latency_of(studies[M], t) for M, t in chosen.items()}
     for M in studies:
         if M not in chosen and M in result.guard:
             result.notes.append(f"M={M}: {result.guard[M]}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -53,7 +53,6 @@ class LoopTimes:
     compile_wait_s: float = 0.0  # nothing to measure: every claimed config was still compiling
     measured: int = 0  # configurations measured on the measurer
     compile_failed: int = 0  # claimed configs that failed to compile (told without measuring)
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def measure_one(measurer: Any, pool: Any, config: Config, M: int) -> Measurement:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .space import PARAM_NAMES, Config
+from .study import confirmed_latencies, latency_of
 
 METRIC_NAME = "latency_us"  # the objective's name in optuna-dashboard (instead of "Objective 0")
 TOP_CONFIGS = 3
@@ -56,24 +57,26 @@ def study_note(study: optuna.Study) -> str | None:
         return None
     attrs = study.user_attrs
     M = attrs.get("M")
-    ranked = sorted(complete, key=lambda t: t.value)
+    confirmed = confirmed_latencies(attrs)
+    ranked = sorted(complete, key=lambda t: latency_of(t, confirmed))
     top = ranked[0]
+    top_us = latency_of(top, confirmed)
     default = attrs.get("default_config")
     default_us, default_trial = attrs.get("default_latency_us"), None
     if default is not None:
         default_trial = next((t for t in complete if _config(t) == Config.from_dict(default)), None)
         if default_trial is not None:
-            default_us = float(default_trial.value)
+            default_us = latency_of(default_trial, confirmed)
 
-    title = (f"# M = {M}: {default_us / top.value:.2f}× faster than SGLang's default" if default_us
-             else f"# M = {M}: best {top.value:.2f} µs")
+    title = (f"# M = {M}: {default_us / top_us:.2f}× faster than SGLang's default" if default_us
+             else f"# M = {M}: best {top_us:.2f} µs")
     lines = [title, ""]
     if not attrs.get("is_performance", True):
         lines += ["> **Timings from Triton's CPU interpreter on a scaled-down shape: not performance numbers.**", ""]
     elif str(attrs.get("measurement", "")).startswith("replay of "):
         lines += [f"> **Replayed search**: latencies looked up in a table recorded on {attrs.get('device_name')}.",
                   ""]
-    summary = f"Best config **{top.value:.2f} µs** (trial {top.number})"
+    summary = f"Best config **{top_us:.2f} µs** (trial {top.number})"
     if default_us:
         summary += f"; SGLang's default config **{default_us:.2f} µs**"
     lines += [summary + ".", ""]
@@ -88,7 +91,7 @@ def study_note(study: optuna.Study) -> str | None:
             shown.append(t)
     for i, t in enumerate(shown):
         label = f"**best** (trial {t.number})" if i == 0 else f"#{i + 1} (trial {t.number})"
-        lines.append(_row(label, _config(t), float(t.value), default_us))
+        lines.append(_row(label, _config(t), latency_of(t, confirmed), default_us))
     if default is not None:
         where = f"trial {default_trial.number}" if default_trial is not None else "timed apart"
         lines.append(_row(f"SGLang default ({where})", default, default_us, default_us))

@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import TuneError
 from .space import PARAM_NAMES, Config
-from .study import StudyInfo, list_moe_studies, open_storage
+from .study import StudyInfo, confirmed_latencies, latency_of, list_moe_studies, open_storage
 
 # Device-to-device copy bandwidth (bytes read + written) measured through PyTorch on the project's lent machines
 # (device notes, KINDS.md, 2026-11): the practical ceiling of a memory-bound kernel, below the datasheets' 4.8 TB/s
@@ -107,7 +107,7 @@ class _Shape:
         default = attrs.get("default_config")
         for t in self.complete(M):
             if default and _config(t) == Config.from_dict(default):
-                return float(t.value)
+                return latency_of(t, confirmed_latencies(attrs))
         return attrs.get("default_latency_us")
 
     def gbps(self, M: int, t: FrozenTrial) -> float | None:
@@ -179,15 +179,17 @@ def _rows(shapes: list[_Shape]) -> list[dict]:
     for shape in shapes:
         for M in sorted(shape.infos):
             info, complete = shape.infos[M], shape.complete(M)
-            top = min(complete, key=lambda t: t.value) if complete else None
+            confirmed = confirmed_latencies(info.attrs)
+            top = min(complete, key=lambda t: latency_of(t, confirmed)) if complete else None
+            top_us = latency_of(top, confirmed) if top else math.nan
             default = shape.default_us(M)
             rows.append({
                 "model": info.attrs.get("model") or "", "shape": shape.base.split("|")[1],
                 "device": info.device_name,
                 "triton": info.triton_version, "M": M, "best_config": str(_config(top)) if top else "",
-                "latency_us": float(top.value) if top else math.nan,
+                "latency_us": top_us,
                 "default_us": default if default is not None else math.nan,
-                "speedup": default / float(top.value) if top and default else math.nan,
+                "speedup": default / top_us if top and default else math.nan,
                 "grid_best_us": shape.grid_us.get(M, math.nan), "trials": len(shape.trials[M]),
                 "failures": len(shape.trials[M]) - len(complete),
                 "gbps": (shape.gbps(M, top) or math.nan) if top else math.nan,

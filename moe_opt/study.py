@@ -238,6 +238,17 @@ def study_attrs(base: str, M: int, spec: ModelSpec | None, device_name: str, tri
     return attrs
 
 
+def confirmed_latencies(attrs: dict) -> dict[str, float]:
+    """{trial number: re-measured median} that confirm.py stored in a study's user attributes ``attrs``."""
+    return attrs.get("confirmed") or {}
+
+
+def latency_of(trial: Any, confirmed: dict[str, float]) -> float:
+    """A completed trial's latency: its re-measured median where confirm.py re-measured it, else its value.
+    Everything that ranks or reports a study's configs (export, guard, notes, report) goes through this."""
+    return float(confirmed.get(str(trial.number), trial.value))
+
+
 def list_moe_studies(storage: optuna.storages.BaseStorage) -> list[StudyInfo]:
     """Every moe_opt study in a storage, sorted by base name then batch size."""
     infos = []

@@ -271,26 +271,26 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         else:
             if pool is None and getattr(measurer, "kind", type(measurer).__name__) == "CudaGraphTimer":
                 pool = _compile_pool(spec, compile_workers, device)  # a CudaGraphTimer given as measurer=
-            times.extra["start_s"] = time.perf_counter() - started
+            start_s = time.perf_counter() - started
             interrupted = run_trials(studies, samplers, state, measurer, pool, n_trials, coord=coord, choices=choices,
                                      defaults=defaults, deadline=None if timeout_s is None else started + timeout_s,
                                      progress=progress, stop=_worker.stop if _worker is not None else None,
                                      times=times)
-            times.extra["search_s"] = time.perf_counter() - started - times.extra["start_s"]
+            search_s = time.perf_counter() - started - start_s
         if _worker is not None:
             return None  # the tuning process that started this worker collects, checks and exports
         result = _collect(studies, defaults, measurer, pool, storage_arg, spec, is_performance, started, interrupted)
         result.worker_errors = worker_errors
         t0 = time.perf_counter()
         if confirm and is_performance and measurer is not table and not interrupted:
-            _confirm(result, studies, measurer, pool, defaults)
+            _confirm(result, studies, measurer, defaults)
         t1 = time.perf_counter()
         apply_guard(result, studies, measurer, spec, guard, replay_mode=replay is not None)
         t2 = time.perf_counter()
         _export(result, spec, output_dir, device_name, triton_version)
         result.wall_s = time.perf_counter() - started
         if not parallel:
-            result.timings = _timings(times, pool, t1 - t0, t2 - t1, result.wall_s - (t2 - started))
+            result.timings = _timings(times, pool, start_s, search_s, t1 - t0, t2 - t1, result.wall_s - (t2 - started))
     finally:
         if pool is not None and pool is not compile_pool:
             pool.close()
@@ -310,20 +310,23 @@ def _compile_pool(spec: ModelSpec, workers: int | None, device: str | None):
     return pool
 
 
-def _confirm(result: TuneResult, studies, measurer, pool, defaults) -> None:
+def _confirm(result: TuneResult, studies, measurer, defaults) -> None:
     """Re-measure the close contenders and the defaults (confirm.py); the defaults' latencies become the fresh
-    medians, so each speedup compares two measurements of the same pass."""
+    medians, so each speedup compares two measurements of the same pass. The dashboard notes are rewritten with
+    them."""
     from .confirm import confirm
 
-    for M, medians in confirm(studies, measurer, pool, defaults).items():
+    for M, medians in confirm(studies, measurer, defaults).items():
         if defaults[M] in medians:
             result.default_latency_us[M] = medians[defaults[M]]
             studies[M].set_user_attr("default_latency_us", medians[defaults[M]])
+        refresh_study_note(studies[M])
 
 
-def _timings(times: LoopTimes, pool, confirm_s: float, guard_s: float, after_guard_s: float) -> dict[str, float]:
+def _timings(times: LoopTimes, pool, start_s: float, search_s: float, confirm_s: float, guard_s: float,
+             after_guard_s: float) -> dict[str, float]:
     """Where a tune's wall-clock time went, in seconds (TuneResult.timings)."""
-    out = {"start_s": times.extra.get("start_s", 0.0), "search_s": times.extra.get("search_s", 0.0),
+    out = {"start_s": start_s, "search_s": search_s,
            "measuring_s": times.measuring_s, "compile_wait_s": times.compile_wait_s, "confirm_s": confirm_s,
            "guard_s": guard_s, "collect_export_s": after_guard_s, "measured": float(times.measured)}
     if pool is not None:

@@ -257,6 +257,14 @@ def test_close_contenders_are_measured_again_so_a_lucky_draw_is_not_exported(tmp
     study = optuna.load_study(study_name=r.study_names[64], storage="sqlite:///b.db")
     assert study.user_attrs["confirmed"]  # {trial number: us}, kept in the study
     assert min(study.user_attrs["confirmed"].values()) == pytest.approx(r.latency_us[64])
+    # What reads the storage later ranks the same way: the dashboard note, and `moe-opt export STORAGE`.
+    from moe_opt.export import load_tuned_configs
+    from moe_opt.export_storage import export_storage
+    from moe_opt.notes import study_note
+
+    assert f"Best config **{r.latency_us[64]:.2f} µs**" in study_note(study)
+    rebuilt = [p for p in export_storage("sqlite:///b.db", tmp_path / "rebuilt") if "configs" in p.parts]
+    assert load_tuned_configs(rebuilt[0])[64] == Config.from_dict(r.best[64])
 
 
 @pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE])
