@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 import moe_opt
-from moe_opt.table import ReplayTable
+from moe_opt.measure.replay import ReplayTable
 
 BUDGETS = (16, 32, 48, 64, 128)
 SAMPLERS = {  # label: (sampler, warm start)

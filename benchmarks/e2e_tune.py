@@ -43,9 +43,9 @@ def main() -> int:
     import triton
 
     import moe_opt
-    from moe_opt.coordination import config_of
-    from moe_opt.measure import copy_bandwidth_gbps
-    from moe_opt.study import confirmed_latencies, latency_of, open_storage
+    from moe_opt.measure.roofline import copy_bandwidth_gbps
+    from moe_opt.store.results import study_result
+    from moe_opt.store.storage import open_storage
 
     result = moe_opt.tune(model=args.model, tp_size=args.tp)
     wall_s = time.time() - STARTED
@@ -56,9 +56,8 @@ def main() -> int:
     rows = []
     for M in sorted(result.best):
         study = optuna.load_study(study_name=result.study_names[M], storage=store)
-        confirmed = confirmed_latencies(study.user_attrs)
-        best = min((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"
-                    and config_of(t).to_dict() == result.best[M]), key=lambda t: latency_of(t, confirmed))
+        number = study_result(study).best.trial_number
+        best = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
         scale = best.value / result.latency_us[M]  # attrs were computed with the trial's own latency
         rows.append({"M": M, "config": result.best[M], "us": result.latency_us[M],
                      "default_us": result.default_latency_us.get(M), "trials": result.trials_used.get(M),

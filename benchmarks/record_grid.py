@@ -26,10 +26,11 @@ import torch
 import triton
 
 from moe_opt import space
-from moe_opt.compile import CompilePool, usable_cores
-from moe_opt.measure import CudaGraphTimer, copy_bandwidth_gbps, cuda_graph_description
-from moe_opt.spec import ModelSpec
-from moe_opt.table import write_table
+from moe_opt.measure.compile_pool import CompilePool, usable_cores
+from moe_opt.measure.cuda_graph import CudaGraphTimer, cuda_graph_description
+from moe_opt.measure.replay import write_table
+from moe_opt.measure.roofline import copy_bandwidth_gbps
+from moe_opt.model.spec import ModelSpec
 
 
 def _row(M: int, config: space.Config, m, is_default: bool) -> dict:
@@ -75,7 +76,7 @@ def main() -> int:
     deadline = started + args.deadline_s if args.deadline_s else float("inf")
 
     if args.model:
-        from moe_opt.models import resolve_model
+        from moe_opt.model.resolve import resolve_model
 
         spec = resolve_model(args.model, tp_size=args.tp)
     else:

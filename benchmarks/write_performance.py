@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_opt.measure.replay import ReplayTable  # noqa: E402
 from moe_opt.space import PARAM_NAMES, Config  # noqa: E402
-from moe_opt.table import ReplayTable  # noqa: E402
 
 GOAL_2_S = 180.0
 GOAL_1_P = 0.95

@@ -1,31 +1,44 @@
 """moe_opt: find the fastest launch config of the Triton fused-MoE kernel with Optuna, resumably.
 
-The public API is re-exported here; heavy dependencies (transformers, plotly, optuna-dashboard) load where used.
-
-Without a CUDA GPU, Triton can only run kernels through its CPU interpreter, which must be chosen before the
-kernels are defined; importing moe_opt on such a machine therefore sets TRITON_INTERPRET=1 unless it is set.
+The public API is this short list, re-exported here and loaded on first use, so ``import moe_opt`` imports
+neither torch, Triton, Optuna, pandas nor plotly. The package is laid out by stage (docs/architecture.md):
+model/ (what is tuned), space.py (the launch configs), kernel/ (the kernels that can be timed), measure/
+(turning a config into a number), search/ (choosing the next config), store/ (what is kept), run/ (one tune),
+export/ (files for the engines) and view/ (what a person looks at).
 """
 
-import os as _os
+from .errors import ConfigError, MoeOptError, SpecError, TuneError
 
-import torch as _torch
+__version__ = "0.2.0"
 
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+# name -> (module, attribute), imported on first access (PEP 562).
+_LAZY = {
+    "Config": ("moe_opt.space", "Config"),
+    "default_config": ("moe_opt.space", "default_config"),
+    "ModelSpec": ("moe_opt.model.spec", "ModelSpec"),
+    "resolve_model": ("moe_opt.model.resolve", "resolve_model"),
+    "fused_moe": ("moe_opt.kernel", "fused_moe"),
+    "tune": ("moe_opt.run.tune", "tune"),
+    "TuneResult": ("moe_opt.run.result", "TuneResult"),
+    "report": ("moe_opt.view.report", "report"),
+    "summary": ("moe_opt.view.report_data", "summary"),
+    "dashboard": ("moe_opt.view.dashboard", "dashboard"),
+    "start_dashboard": ("moe_opt.view.dashboard", "start_dashboard"),
+}
 
-from .errors import ConfigError, MoeOptError, SpecError, TuneError  # noqa: E402
-from .kernel import fused_moe  # noqa: E402
-from .models import resolve_model  # noqa: E402
-from .space import Config, default_config  # noqa: E402
-from .spec import ModelSpec  # noqa: E402
-from .tuner import TuneResult, tune  # noqa: E402
+__all__ = sorted(["ConfigError", "MoeOptError", "SpecError", "TuneError", *_LAZY])
 
-# These modules import only the standard library and optuna at the top; optuna-dashboard, plotly and pandas load
-# inside the functions. (The names shadow the submodules: import from them as ``from moe_opt.report import ...``.)
-from .dashboard import dashboard, start_dashboard  # noqa: E402
-from .report import report, summary  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "TuneResult",
-           "dashboard", "default_config", "fused_moe", "report", "resolve_model", "start_dashboard", "summary",
-           "tune"]
-__version__ = "0.1.0"
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moe_opt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -11,7 +11,7 @@ from .errors import MoeOptError
 
 
 def _cmd_resolve(args: argparse.Namespace) -> int:
-    from .models import resolve_model
+    from .model.resolve import resolve_model
 
     spec = resolve_model(args.model, tp_size=args.tp, ep_size=args.ep, dtype=args.dtype,
                          swiglu_limit=args.swiglu_limit,
@@ -29,7 +29,7 @@ def _batch_sizes(text: str) -> list[str]:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tuner import tune
+    from .run.tune import tune
 
     spec = None
     if args.shape:
@@ -46,7 +46,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _shape_spec(args: argparse.Namespace):
     from .errors import SpecError
-    from .spec import ModelSpec
+    from .model.spec import ModelSpec
 
     try:
         fields = dict(item.split("=", 1) for item in args.shape.split(","))
@@ -62,14 +62,14 @@ def _shape_spec(args: argparse.Namespace):
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from .table import record_table
+    from .measure.replay import record_table
 
     print(f"wrote {record_table(args.storage, args.output)}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export_storage import export_storage
+    from .export.from_storage import export_storage
 
     for path in export_storage(args.storage, args.output_dir):
         print(f"wrote {path}")
@@ -77,14 +77,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import dashboard
+    from .view.dashboard import dashboard
 
     dashboard(args.storage, port=args.port, host=args.host)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .view.report import report
 
     path = report(args.storage, args.output, table=args.table, copy_bandwidth_gbps=args.copy_bandwidth_gbps)
     print(f"wrote {path}, {path.with_suffix('.csv')}, {path.with_suffix('.md')}")
@@ -92,7 +92,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from .report import summary, summary_text
+    from .view.report_data import summary, summary_text
 
     print(summary_text(summary(args.storage, table=args.table)))
     return 0

@@ -25,7 +25,7 @@ PARAM_NAMES = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 
 # Hopper (sm_90) allows 227 KiB of shared memory per block (CUDA C Programming Guide, compute capabilities).
-H100_SHARED_MEMORY_BYTES = 232_448
+HOPPER_SHARED_MEMORY_BYTES = 232_448
 
 
 @dataclass(frozen=True, order=True)
@@ -121,9 +121,32 @@ def shared_memory_bytes(config: Config, a_bytes: int, b_bytes: int) -> int:
 
 
 def fits_shared_memory(config: Config, a_bytes: int, b_bytes: int,
-                       limit_bytes: int = H100_SHARED_MEMORY_BYTES) -> bool:
+                       limit_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> bool:
     """Whether the config's tiles can fit the device's per-block shared memory (see shared_memory_bytes)."""
     return shared_memory_bytes(config, a_bytes, b_bytes) <= limit_bytes
+
+
+def operand_bytes(dtype: str | None) -> tuple[float, float]:
+    """Bytes per element of the GEMMs' A (activations) and B (weights) operands for a quantization string.
+
+    Example:
+        >>> operand_bytes("fp8_w8a8"), operand_bytes(None)
+        ((1, 1), (2, 2))
+    """
+    return (1, 1) if dtype == "fp8_w8a8" else (2, 2)
+
+
+def block_k_of(block_shape: Sequence[int] | None) -> int | None:
+    """The block_k of block-wise quantization (BLOCK_SIZE_K must divide it), or None."""
+    return int(block_shape[1]) if block_shape else None
+
+
+def candidates(dtype: str | None, block_shape: Sequence[int] | None,
+               shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> list[Config]:
+    """The configs worth proposing: the grid under block quantization's BLOCK_SIZE_K rule, without those whose
+    tiles cannot fit the device's shared memory."""
+    a_bytes, b_bytes = operand_bytes(dtype)
+    return [c for c in grid(block_k_of(block_shape)) if fits_shared_memory(c, a_bytes, b_bytes, shared_memory_bytes)]
 
 
 def default_config(M: int, E: int, dtype: str | None, block_shape: Sequence[int] | None = None) -> Config:

@@ -16,9 +16,9 @@ import optuna
 import pytest
 
 import moe_opt
-from moe_opt.dashboard import latest_storage, start_dashboard
 from moe_opt.errors import TuneError
-from moe_opt.notes import study_note
+from moe_opt.view.dashboard import latest_storage, start_dashboard
+from moe_opt.view.notes import study_note
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
 SHAPE_ATTRS = ("model", "E", "N", "K", "topk", "dtype", "block_shape", "swiglu_limit", "M", "device_name",
@@ -140,7 +140,7 @@ def test_notes_are_written_without_optuna_dashboard_and_filled_in_when_missing(t
     assert get_note(study) == study_note(study) and "faster than SGLang's default" in get_note(study)
 
     bare = f"sqlite:///{tmp_path / 'bare.db'}"  # as an older moe_opt left it: no notes at all
-    for module in ("moe_opt.tuner", "moe_opt.loop"):  # where a tune writes notes
+    for module in ("moe_opt.run.session", "moe_opt.run.scheduler"):  # where a tune writes notes
         monkeypatch.setattr(f"{module}.refresh_study_note", lambda study: None)
     _replay_tune(bare)
     assert all(get_note(optuna.load_study(study_name=n, storage=bare)) == "" for n in _study_names(bare))

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 
 from moe_opt.errors import TuneError
-from moe_opt.export import (export_paths, find_tuned_config_files, load_tuned_configs, write_sglang,
-                            write_vllm)
+from moe_opt.export.engines import (
+    export_paths,
+    find_tuned_config_files,
+    load_tuned_configs,
+    write_sglang,
+    write_vllm,
+)
+from moe_opt.model.spec import ModelSpec
 from moe_opt.space import Config
-from moe_opt.spec import ModelSpec
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"

@@ -22,11 +22,13 @@ from optuna.trial import TrialState
 
 import moe_opt
 from moe_opt import Config, space
-from moe_opt.coordination import HEARTBEAT_KEY, WORKER_KEY, Coordinator, WorkerId, config_of, is_counted
-from moe_opt.guard import TOLERANCE, Guard
-from moe_opt.isolation import IsolatedMeasurer
-from moe_opt.study import open_storage
-from moe_opt.table import ReplayTable
+from moe_opt.measure.base import Measurement
+from moe_opt.measure.isolated import IsolatedMeasurer
+from moe_opt.measure.replay import ReplayTable
+from moe_opt.run.coordinator import HEARTBEAT_KEY, WORKER_KEY, Coordinator, WorkerId
+from moe_opt.run.guard import TOLERANCE, Guard
+from moe_opt.store.schema import config_of, is_counted
+from moe_opt.store.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = str(REPO / "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv")
@@ -53,7 +55,7 @@ STALLING_RUN = """
 import sys, time
 sys.path.insert(0, {repo!r})
 import moe_opt
-from moe_opt.table import ReplayTable
+from moe_opt.measure.replay import ReplayTable
 
 class StallingReplay(ReplayTable):
     calls = 0
@@ -182,7 +184,7 @@ class FaultyReplay(ReplayTable):
                 time.sleep(600)
             self.broken = True
         if self.broken:
-            return moe_opt.measure.Measurement(None, ILLEGAL_ACCESS)
+            return Measurement(None, ILLEGAL_ACCESS)
         return super().measure(config, M)
 
     def healthy(self) -> bool:  # CudaGraphTimer.healthy() runs a tiny CUDA op to find out
@@ -243,8 +245,9 @@ def test_replay_mode_says_the_guard_is_skipped(tmp_path, capsys):
 
 def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bounds():
     from test_kernel import TOLERANCE as KERNEL_TEST_TOLERANCE
-    from moe_opt.measure import InterpreterTimer
-    from moe_opt.tuner import interpreter_spec
+
+    from moe_opt.measure.interpreter import InterpreterTimer
+    from moe_opt.run.session import interpreter_spec
 
     assert TOLERANCE == KERNEL_TEST_TOLERANCE
     spec = interpreter_spec(SPEC)  # fp8 block [128, 128], swiglu_limit 10, scaled down for the interpreter

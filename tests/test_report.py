@@ -13,9 +13,9 @@ import pytest
 import moe_opt
 from moe_opt.cli import main
 from moe_opt.errors import TuneError
-from moe_opt.measure import Measurement
-from moe_opt.report import summary
-from moe_opt.spec import ModelSpec
+from moe_opt.measure.base import Measurement, MeasurerInfo
+from moe_opt.model.spec import ModelSpec
+from moe_opt.view.report_data import summary
 
 TABLE = Path(moe_opt.__file__).parent / "data" / "DeepSeek-V4-Flash_tp8_H200.csv"
 
@@ -31,9 +31,9 @@ def replay_db(tmp_path_factory) -> str:
 class InterpreterLike:
     """A measurer that says what the CPU interpreter says of itself: its timings are not performance numbers."""
 
-    is_performance = False
-    device_name = "cpu-interpreter"
-    description = "Triton CPU interpreter, wall clock (not a performance measurement)"
+    info = MeasurerInfo(device_name="cpu-interpreter", source="cpu-interpreter",
+                        description="Triton CPU interpreter, wall clock (not a performance measurement)",
+                        is_performance=False, kind="interpreter")
 
     def measure(self, config, M):
         return Measurement(50.0 + config.BLOCK_SIZE_M / 8 + abs(config.BLOCK_SIZE_N - 64) / 16 + M / 100, None, {})

@@ -8,10 +8,11 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from moe_opt import catalogue
 from moe_opt.cli import main
 from moe_opt.errors import SpecError
-from moe_opt.models import models_doc, parity_table, resolve_model, spec_from_config
+from moe_opt.model import catalogue
+from moe_opt.model.parity import models_doc, parity_table
+from moe_opt.model.resolve import resolve_model, spec_from_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
@@ -129,7 +130,7 @@ def test_config_file_names_match_ones_sglang_ships(model, tp, dtype, device, fil
 
 
 def test_models_doc_is_the_generated_parity_table():
-    assert DOC.read_text() == models_doc(), "regenerate with: python -m moe_opt.models > docs/models.md"
+    assert DOC.read_text() == models_doc(), "regenerate with: python -m moe_opt.model.parity > docs/models.md"
 
 
 def test_parity_table_covers_every_bundled_model_at_tp_1_2_4_8():

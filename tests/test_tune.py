@@ -18,7 +18,8 @@ import pytest
 import moe_opt
 from moe_opt import Config, TuneError, space
 from moe_opt.cli import main
-from moe_opt.table import ReplayTable, record_table
+from moe_opt.measure.base import Measurement
+from moe_opt.measure.replay import ReplayTable, record_table
 
 DSV4_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv"
 QWEN_TABLE = "moe_opt/data/Qwen3-30B-A3B_tp1_H200.csv"
@@ -145,7 +146,7 @@ def test_grid_sampler_records_a_table_that_replays_identically(tmp_path):
 
 
 def test_warm_start_measures_sglang_default_and_existing_tuned_file_first(tmp_path):
-    from moe_opt.export import write_sglang
+    from moe_opt.export.engines import write_sglang
 
     table = ReplayTable(repo_path(DSV4_TABLE))
     spec = moe_opt.ModelSpec.from_dict(table.metadata()["spec"])
@@ -181,8 +182,8 @@ def test_on_the_gpu_path_configs_are_measured_as_their_compiles_finish(tmp_path)
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
-    from moe_opt.compile import CompilePool
-    from moe_opt.isolation import IsolatedMeasurer
+    from moe_opt.measure.compile_pool import CompilePool
+    from moe_opt.measure.isolated import IsolatedMeasurer
 
     table = ReplayTable(repo_path(DSV4_TABLE))
     spec = moe_opt.ModelSpec.from_dict(table.metadata()["spec"])
@@ -236,7 +237,7 @@ class LuckyOnce(ReplayTable):
         m = super().measure(config, M)
         if (config, M) == (self.lucky, 64) and (config, M) not in self.seen:
             self.seen.add((config, M))
-            return moe_opt.measure.Measurement(m.latency_us / 2, None, m.attrs)
+            return Measurement(m.latency_us / 2, None, m.attrs)
         return m
 
 
@@ -258,9 +259,9 @@ def test_close_contenders_are_measured_again_so_a_lucky_draw_is_not_exported(tmp
     assert study.user_attrs["confirmed"]  # {trial number: us}, kept in the study
     assert min(study.user_attrs["confirmed"].values()) == pytest.approx(r.latency_us[64])
     # What reads the storage later ranks the same way: the dashboard note, and `moe-opt export STORAGE`.
-    from moe_opt.export import load_tuned_configs
-    from moe_opt.export_storage import export_storage
-    from moe_opt.notes import study_note
+    from moe_opt.export.engines import load_tuned_configs
+    from moe_opt.export.from_storage import export_storage
+    from moe_opt.view.notes import study_note
 
     assert f"Best config **{r.latency_us[64]:.2f} µs**" in study_note(study)
     rebuilt = [p for p in export_storage("sqlite:///b.db", tmp_path / "rebuilt") if "configs" in p.parts]

@@ -20,9 +20,10 @@ import pytest
 import moe_opt
 from moe_opt import TuneError
 from moe_opt.cli import main
-from moe_opt.coordination import WORKER_KEY, config_of, is_counted
-from moe_opt.study import open_storage
-from moe_opt.table import ReplayTable
+from moe_opt.measure.replay import ReplayTable
+from moe_opt.run.coordinator import WORKER_KEY
+from moe_opt.store.schema import config_of, is_counted
+from moe_opt.store.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = str(REPO / "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv")
@@ -78,9 +79,10 @@ def test_several_workers_default_to_a_journal_and_refuse_sqlite(tmp_path, monkey
     assert "n_workers must be an integer >= 1, got -1" in capsys.readouterr().err
 
     result = moe_opt.tune(replay=TABLE, n_workers=2, n_trials=2, output_dir=None)
-    assert result.storage == "journal:studies/DeepSeek-V4-Flash.journal"
-    assert "2 workers share journal:studies/DeepSeek-V4-Flash.journal" in capsys.readouterr().out
-    assert (tmp_path / "studies" / "DeepSeek-V4-Flash.journal").exists()
+    # A replay's default storage is its own file (store/identity.py), journal here for several processes.
+    assert result.storage == "journal:studies/replay_DeepSeek-V4-Flash_tp8_H200.journal"
+    assert "2 workers share journal:studies/replay_DeepSeek-V4-Flash_tp8_H200.journal" in capsys.readouterr().out
+    assert (tmp_path / "studies" / "replay_DeepSeek-V4-Flash_tp8_H200.journal").exists()
     assert not (tmp_path / "studies" / "DeepSeek-V4-Flash.db").exists()
 
 

@@ -1,9 +1,20 @@
-"""The Triton fused-MoE kernel (align, GEMM1, clamped SwiGLU, GEMM2, sum) and its float64 reference."""
+"""The builtin Triton fused-MoE kernel (align, GEMM1, clamped SwiGLU, GEMM2, sum), its float64 reference, its
+inputs, and the kernel-backend seam (backend.py).
 
-from .fused_moe import fused_moe
-from .reference import fused_moe_reference, quantize_weight_fp8
+Without a CUDA GPU, Triton can only run kernels through its CPU interpreter, which must be chosen before the
+kernels are defined; importing this package on such a machine therefore sets TRITON_INTERPRET=1 unless it is set.
+"""
 
-# Activations the kernel implements. GPT-OSS's "swigluoai" resolves but is refused for tuning.
-SUPPORTED_ACTIVATIONS = ("silu",)
+import os as _os
 
-__all__ = ["fused_moe", "fused_moe_reference", "quantize_weight_fp8", "SUPPORTED_ACTIVATIONS"]
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .backend import SUPPORTED_ACTIVATIONS, BuiltinBackend, KernelBackend, get_backend  # noqa: E402
+from .fused_moe import fused_moe  # noqa: E402
+from .reference import fused_moe_reference, quantize_weight_fp8  # noqa: E402
+
+__all__ = ["BuiltinBackend", "KernelBackend", "SUPPORTED_ACTIVATIONS", "fused_moe", "fused_moe_reference",
+           "get_backend", "quantize_weight_fp8"]

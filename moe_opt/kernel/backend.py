@@ -1,0 +1,138 @@
+"""The kernel-backend seam: what the tune needs of a kernel it can time, and the registry of backends.
+
+A backend says what it is (name and version: part of the study identity), which configs it can run (candidate
+space and constraints) and its engine's default config, builds its inputs for a spec, and runs one call. The
+measurers (measure/) time ``backend.call``; the compile pool compiles through it; the correctness guard runs
+``backend.forward`` and compares with the float64 reference, which stays independent of every backend.
+
+Adding a backend (an engine's own kernel, say) is a class with these members registered in BACKENDS; nothing
+outside kernel/ changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from .. import space
+from ..model.spec import ModelSpec
+from ..space import Config
+
+# Activations the builtin kernel implements. GPT-OSS's "swigluoai" resolves but is refused for tuning.
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@runtime_checkable
+class KernelBackend(Protocol):
+    """A fused-MoE kernel that can be tuned and timed.
+
+    Attributes:
+        name: "builtin", or an engine's name.
+        version: changes whenever what is timed changes (a study measured with one version is not resumed by
+            another).
+        specializes_on_m: whether a config compiled at one batch size must compile again at another (then no
+            compile pool compiles ahead; the measurer compiles each config where it runs it).
+    """
+
+    name: str
+    version: str
+    specializes_on_m: bool
+
+    def unsupported(self, spec: ModelSpec) -> str | None:
+        """Why this backend cannot time ``spec`` correctly, or None."""
+
+    def candidates(self, spec: ModelSpec, shared_memory_bytes: int) -> list[Config]:
+        """The configs worth proposing for ``spec`` on a device with this per-block shared memory."""
+
+    def grid(self, spec: ModelSpec) -> list[Config]:
+        """Every config of the space for ``spec`` (the exhaustive baseline), fitting or not."""
+
+    def choices(self, spec: ModelSpec) -> dict[str, Sequence[int]]:
+        """Allowed values of each tunable (the trial's distributions)."""
+
+    def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
+        """Why ``config`` need not be compiled at all ("Rejected: ..."), or None."""
+
+    def default_config(self, spec: ModelSpec, M: int) -> Config:
+        """The engine's config when no tuned file exists (the baseline of every speedup)."""
+
+    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0) -> Any:
+        """Weights once, activations and routing per batch size, on ``device``."""
+
+    def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
+        """One timed fused-MoE call at batch size M with the ``routing_index``-th routing draw."""
+
+    def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config, out: Any) -> Any:
+        """The fused-MoE function on given activations and routing with ``inputs``' weights (the guard's call)."""
+
+
+class BuiltinBackend:
+    """moe_opt's own Triton kernel (kernel/): SGLang's algorithm, tunables and default configs."""
+
+    name = "builtin"
+    version = "1"  # bump when the kernel's code changes what is timed
+    specializes_on_m = False  # kernel/gemm.py: no batch-size-dependent argument is specialized on
+
+    def unsupported(self, spec: ModelSpec) -> str | None:
+        if spec.activation not in SUPPORTED_ACTIVATIONS:
+            return (f"{spec.model or 'this model'} uses activation {spec.activation!r}, which the kernel does not "
+                    f"implement (supported: {', '.join(SUPPORTED_ACTIVATIONS)}); tuning it would time the wrong "
+                    "computation")
+        return None
+
+    def candidates(self, spec: ModelSpec, shared_memory_bytes: int) -> list[Config]:
+        return space.candidates(spec.dtype, spec.block_shape, shared_memory_bytes)
+
+    def grid(self, spec: ModelSpec) -> list[Config]:
+        return space.grid(space.block_k_of(spec.block_shape))
+
+    def choices(self, spec: ModelSpec) -> dict[str, Sequence[int]]:
+        return dict(space.iter_choices(space.block_k_of(spec.block_shape)))
+
+    def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
+        a_bytes, b_bytes = space.operand_bytes(spec.dtype)
+        if not space.fits_shared_memory(config, a_bytes, b_bytes, shared_memory_bytes):
+            return f"Rejected: shared-memory estimate exceeds the device's {shared_memory_bytes} bytes per block"
+        block_k = space.block_k_of(spec.block_shape)
+        if block_k is not None and block_k % config.BLOCK_SIZE_K:
+            return f"Rejected: BLOCK_SIZE_K {config.BLOCK_SIZE_K} does not divide block_k {block_k}"
+        return None
+
+    def default_config(self, spec: ModelSpec, M: int) -> Config:
+        return space.default_config(M, spec.E, spec.dtype, spec.block_shape)
+
+    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0) -> Any:
+        from .inputs import MoeInputs
+
+        return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed)
+
+    def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
+        return inputs.call(config, M, routing_index)
+
+    def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config, out: Any) -> Any:
+        from .fused_moe import fused_moe
+
+        return fused_moe(x, inputs.w1, inputs.w2, topk_weights, topk_ids, config, out=out, **inputs.kwargs)
+
+
+BACKENDS: dict[str, type] = {"builtin": BuiltinBackend}
+
+
+def get_backend(backend: str | KernelBackend = "builtin") -> KernelBackend:
+    """A backend by name (or the backend object given).
+
+    Example:
+        >>> get_backend("builtin").name
+        'builtin'
+    """
+    from ..errors import TuneError
+
+    if not isinstance(backend, str):
+        return backend
+    if backend not in BACKENDS:
+        raise TuneError(f"unknown kernel {backend!r}; accepted: {', '.join(BACKENDS)}")
+    return BACKENDS[backend]()
+
+
+def backend_key(backend: KernelBackend) -> str:
+    """The kernel part of a study identity: ``<name>@<version>``."""
+    return f"{backend.name}@{backend.version}"

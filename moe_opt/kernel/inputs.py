@@ -1,0 +1,68 @@
+"""The builtin kernel's inputs for one spec on one device: weights once, activations and routing per batch size."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..model.spec import ModelSpec
+from ..space import Config
+from .fused_moe import fused_moe
+from .reference import quantize_weight_fp8
+
+
+class MoeInputs:
+    """Random inputs for one spec on one device: weights once, activations and routing per batch size.
+
+    Routing is a real top-k over random softmaxed logits; ``routing_sets`` different draws are made per batch
+    size, so repeated calls touch different experts as serving does.
+    """
+
+    def __init__(self, spec: ModelSpec, device, *, routing_sets: int = 10, seed: int = 0):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.routing_sets = routing_sets
+        self.seed = seed
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        E, N, K = spec.E, spec.N, spec.K
+        dtype = spec.activation_dtype
+        self.kwargs: dict = {"swiglu_limit": spec.swiglu_limit}
+        if spec.dtype == "fp8_w8a8":
+            w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.bfloat16)
+            self.w1, s1 = quantize_weight_fp8(w1, spec.block_shape)
+            del w1
+            w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=torch.bfloat16)
+            self.w2, s2 = quantize_weight_fp8(w2, spec.block_shape)
+            del w2
+            self.kwargs.update(block_shape=spec.block_shape, w1_scale=s1 / K ** 0.5, w2_scale=s2 / N ** 0.5)
+        else:
+            self.w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=dtype) / K ** 0.5
+            self.w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=dtype) / N ** 0.5
+        self._per_m: dict[int, tuple] = {}
+
+    def for_batch(self, M: int) -> tuple:
+        """(x, [(topk_weights, topk_ids), ...], out) for batch size M; cached."""
+        if M not in self._per_m:
+            spec = self.spec
+            gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + M)
+            x = torch.randn(M, spec.K, generator=gen, device=self.device, dtype=spec.activation_dtype)
+            routing = []
+            for _ in range(self.routing_sets):
+                logits = torch.randn(M, spec.E, generator=gen, device=self.device, dtype=torch.float32)
+                weights, ids = logits.softmax(-1).topk(spec.topk, dim=-1)
+                routing.append((weights.contiguous(), ids.to(torch.int32).contiguous()))
+            out = torch.empty(M, spec.K, device=self.device, dtype=spec.activation_dtype)
+            self._per_m = {M: (x, routing, out)}  # keep one batch size resident: weights dominate memory
+        return self._per_m[M]
+
+    def active_experts(self, M: int) -> float:
+        _, routing, _ = self.for_batch(M)
+        return statistics.mean(len(torch.unique(ids)) for _, ids in routing)
+
+    def call(self, config: Config, M: int, routing_index: int = 0) -> torch.Tensor:
+        x, routing, out = self.for_batch(M)
+        weights, ids = routing[routing_index % len(routing)]
+        return fused_moe(x, self.w1, self.w2, weights, ids, config, out=out, **self.kwargs)
+
+

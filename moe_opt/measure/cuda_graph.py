@@ -1,0 +1,113 @@
+"""The CUDA-graph timer: a config timed as serving runs it, on the GPU."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..kernel.backend import KernelBackend, get_backend
+from ..model.spec import ModelSpec
+from ..space import HOPPER_SHARED_MEMORY_BYTES, Config
+from .base import Measurement, MeasurerInfo, describe_failure
+from .roofline import moe_flops, moe_min_bytes
+
+
+def cuda_graph_description(device_name: str, calls_per_graph: int = 10, replays: int = 5) -> str:
+    """How :class:`CudaGraphTimer` measures, for the study's "measurement" attribute."""
+    return f"CUDA graph of {calls_per_graph} calls, L2 flushed, median of {replays} replays, {device_name}"
+
+
+def cuda_graph_info(device: str | torch.device = "cuda", calls_per_graph: int = 10, replays: int = 5) -> MeasurerInfo:
+    """The :class:`MeasurerInfo` of a CUDA-graph timer on ``device``, read from the device (name, shared memory
+    per block); the tuning process asks it without building the timer."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED_MEMORY_BYTES
+    return MeasurerInfo(device_name=props.name, source=props.name,
+                        description=cuda_graph_description(props.name, calls_per_graph, replays),
+                        is_performance=True, shared_memory_bytes=int(smem), kind="cuda_graph")
+
+
+class CudaGraphTimer:
+    """Times a config as serving runs it: ``calls_per_graph`` fused-MoE calls captured in one CUDA graph,
+    each with its own routing draw; the L2 cache flushed before every timed replay; the median over
+    ``replays`` replays, divided by the calls per graph.
+
+    Example:
+        >>> timer = CudaGraphTimer(spec)  # doctest: +SKIP
+        >>> timer.measure(Config(64, 128, 128, 32, 4, 3), M=64).latency_us  # doctest: +SKIP
+        41.7
+    """
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device = "cuda", *, calls_per_graph: int = 10,
+                 replays: int = 5, seed: int = 0, backend: str | KernelBackend = "builtin"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.calls_per_graph = calls_per_graph
+        self.replays = replays
+        self.backend = get_backend(backend)
+        self.inputs = self.backend.make_inputs(spec, self.device, routing_sets=calls_per_graph, seed=seed)
+        props = torch.cuda.get_device_properties(self.device)
+        # Twice the L2 size, zeroed before each timed replay, evicts the weights of the previous replay.
+        l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+        self._flush = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=self.device)
+        self.info = cuda_graph_info(self.device, calls_per_graph, replays)
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        try:
+            with torch.cuda.device(self.device):
+                return self._measure(config, M)
+        except Exception as exc:  # a config that does not compile or launch is a result, not a crash
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:
+                pass  # a sticky error: healthy() says so, and the isolated process is replaced
+            return Measurement(None, describe_failure(exc))
+
+    def run_with_inputs(self, fn, *args):
+        """``fn(backend, inputs, *args)`` with this timer's kernel inputs (the correctness guard)."""
+        with torch.cuda.device(self.device):
+            return fn(self.backend, self.inputs, *args)
+
+    def healthy(self) -> bool:
+        """Whether the CUDA context still works: an illegal memory access breaks it for every later call, and
+        only a new process recovers (isolation.py)."""
+        try:
+            with torch.cuda.device(self.device):
+                torch.cuda.synchronize()
+                return torch.ones(1, device=self.device).add_(1).item() == 2.0
+        except Exception:
+            return False
+
+    def _measure(self, config: Config, M: int) -> Measurement:
+        self.backend.call(self.inputs, config, M)  # compiles (or loads from Triton's cache) outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.backend.call(self.inputs, config, M)  # warm-up on the capture stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            for i in range(self.calls_per_graph):
+                self.backend.call(self.inputs, config, M, routing_index=i)
+        graph.replay()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        times_us = []
+        for _ in range(self.replays):
+            self._flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
+        del graph
+        latency = statistics.median(times_us)
+        active = self.inputs.active_experts(M)
+        return Measurement(latency, None, {
+            "tflops": moe_flops(self.spec, M) / latency / 1e6,
+            "gbps": moe_min_bytes(self.spec, M, active) / latency / 1e3,
+            "replay_spread": (max(times_us) - min(times_us)) / latency,
+        })

@@ -1,0 +1,261 @@
+"""Several processes on one set of studies: who runs which trial, what happens to the trials of a dead process.
+
+Every trial is claimed under a lock that all processes tuning the same studies share (a file lock next to a
+SQLite or journal file, an advisory lock on PostgreSQL/MySQL). Under the lock a process reads the study, learns
+what the others measured and are measuring, fails the trials of processes that are gone, checks the shared
+trial budget, and only then asks Optuna for a trial. So two processes never run the same config at one batch
+size, and together they run exactly ``n_trials`` counted trials per batch size.
+
+A claimed trial carries who runs it (host, boot, pid namespace, pid and the process's start time) and a heartbeat
+that a thread refreshes while the trial runs. A RUNNING trial is stale when its process is gone (same host: the
+pid no longer names the same process) or its heartbeat is older than ``STALE_AFTER_S`` (other hosts). A stale
+trial is failed with ``"Interrupted: ..."`` (not counted) and its config enqueued, so it is retried first.
+
+Optuna's own heartbeat (RDBStorage(heartbeat_interval=...)) is not used: it only exists for RDB storages, is
+only automatic inside Study.optimize, and cannot tell at once that a process on the same host is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from ..search.base import Strategy
+from ..space import PARAM_NAMES, Config
+from ..store.locks import claim_lock
+from ..store.schema import (
+    INTERRUPTED,
+    config_of,
+    error_of,
+    is_compile_failure,
+    is_counted,
+)
+
+WORKER_KEY = "moe_opt:worker"  # trial system attribute: who runs the trial
+HEARTBEAT_KEY = "moe_opt:heartbeat"  # trial system attribute: time.time() of the last sign of life
+HEARTBEAT_INTERVAL_S = 10.0
+STALE_AFTER_S = 120.0  # a trial of another host with no heartbeat for this long is failed and retried
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The start time of a process in clock ticks since boot (/proc/PID/stat field 22); "" where unknown."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    """Who runs a trial. Two ids are on the same machine when host, boot and pid namespace agree; then the pid
+    and its start time tell whether the process still lives (a reused pid has another start time)."""
+
+    host: str
+    boot: str
+    pidns: str
+    pid: int
+    start: str
+    device: str | None = None
+
+    @classmethod
+    def current(cls, device: str | None = None) -> "WorkerId":
+        pidns = ""
+        with contextlib.suppress(OSError):
+            pidns = os.readlink("/proc/self/ns/pid")
+        return cls(socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), pidns, os.getpid(),
+                   _process_start(os.getpid()), device)
+
+    def same_machine(self, other: dict) -> bool:
+        return (other.get("host"), other.get("boot"), other.get("pidns")) == (self.host, self.boot, self.pidns)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` runs on this machine and is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return not start or _process_start(pid) in ("", start)
+
+
+# --- Claiming trials ------------------------------------------------------------------------------------------
+
+def observe(strategy: Strategy, M: int, trial: FrozenTrial) -> None:
+    """Feed one counted trial into the strategy (idempotent)."""
+    config = config_of(trial)
+    if config is None:
+        return
+    if trial.state == TrialState.COMPLETE:
+        strategy.observe(M, config, float(trial.value))
+    else:
+        strategy.observe(M, config, None, compile_failure=is_compile_failure(error_of(trial)))
+
+
+DONE, BUSY = "done", "busy"  # claim() outcomes besides a trial: budget used up; the rest is running elsewhere
+
+
+class Coordinator:
+    """Claims trials for one process, keeps their heartbeat, and fails the trials of processes that are gone.
+
+    Example:
+        >>> coord = Coordinator(store, "sqlite:///studies/x.db", base)  # doctest: +SKIP
+        >>> with coord.heartbeat():  # doctest: +SKIP
+        ...     claim = coord.claim(study, 64, strategy, n_trials=48)
+    """
+
+    def __init__(self, store: optuna.storages.BaseStorage, storage_arg: Any, name: str, *,
+                 device: str | None = None, stale_after_s: float = STALE_AFTER_S,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.lock = claim_lock(storage_arg, store, name)
+        self.me = WorkerId.current(device)
+        self.stale_after_s = stale_after_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._held: dict[int, Any] = {}  # {trial_id: storage} of the trials this process has claimed and runs
+        self._recorded: dict[str, set[int]] = {}  # per study, the trials already fed to the search state
+        self._beat_lock = threading.Lock()
+
+    # Heartbeats.
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """A thread that refreshes the heartbeat of the trials this process holds, for the duration of the block."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_interval_s):
+                with self._beat_lock:
+                    held = list(self._held.items())
+                for trial_id, storage in held:
+                    with contextlib.suppress(Exception):  # finished meanwhile, or the storage is briefly away
+                        storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+
+        thread = threading.Thread(target=beat, name="moe-opt-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def hold(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Keep the heartbeat of a claimed trial until :meth:`drop` (it may wait for its compile, then run)."""
+        with self._beat_lock:
+            self._held[trial._trial_id] = study._storage
+
+    def drop(self, trial: optuna.Trial) -> None:
+        with self._beat_lock:
+            self._held.pop(trial._trial_id, None)
+
+    # Stale trials.
+    def stale_reason(self, trial: FrozenTrial, now: float) -> str | None:
+        """Why a RUNNING trial's process is gone, or None while it may still run."""
+        who = trial.system_attrs.get(WORKER_KEY) or {}
+        name = f"{who.get('host', '?')}:{who.get('pid', '?')}"
+        if who and self.me.same_machine(who):
+            if who.get("pid") == self.me.pid and who.get("start") == self.me.start:
+                return None  # this process's own
+            return None if process_alive(int(who["pid"]), who.get("start")) else f"worker {name} is gone"
+        last = trial.system_attrs.get(HEARTBEAT_KEY, who.get("time"))
+        if last is None and trial.datetime_start is not None:
+            last = trial.datetime_start.timestamp()  # started by something that keeps no heartbeat
+        if last is not None and now - float(last) > self.stale_after_s:
+            return f"no heartbeat from worker {name} for {now - float(last):.0f} s"
+        return None
+
+    def release(self, study: optuna.Study, trial_id: int, params: dict, number: int, why: str) -> bool:
+        """Fail a trial as interrupted and enqueue its config to be retried first; False if it had finished."""
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}; its config is retried")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return False  # its owner told the result first, or another process failed it already
+        if len(params) == len(PARAM_NAMES):
+            study.enqueue_trial(dict(params), user_attrs={"retry_of": number}, skip_if_exists=False)
+        return True
+
+    # Claims.
+    def claim(self, study: optuna.Study, M: int, strategy: Strategy,
+              n_trials: int) -> tuple[optuna.Trial, Config] | str:
+        """Under the shared lock: learn the study's trials, fail stale ones, then ask for a trial if the budget
+        allows. Returns (trial, config), DONE (n_trials counted) or BUSY (the rest runs in other processes)."""
+        with self.lock:
+            for _ in range(len(strategy.state.candidates) + 1):
+                result = self._claim_once(study, M, strategy, n_trials)
+                if result is not None:
+                    return result
+            return BUSY
+
+    def reap(self, study: optuna.Study) -> None:
+        """Fail the stale trials of a study now (a tune does this first, so their retries come first)."""
+        with self.lock:
+            self._scan(study, None, None)
+
+    def _scan(self, study, M, strategy) -> tuple[int, int, dict[Config, int], dict[int, Config]]:
+        """(counted trials, live running trials, {running config: trial number}, {waiting trial number: config});
+        stale trials are failed on the way and counted trials recorded in the search state."""
+        now = time.time()
+        counted, n_running, running, waiting = 0, 0, {}, {}
+        recorded = self._recorded.setdefault(study.study_name, set())
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.RUNNING:
+                why = self.stale_reason(t, now)
+                if why is not None:
+                    self.release(study, t._trial_id, t.params, t.number, why)
+                    continue
+                n_running += 1
+                config = config_of(t)
+                if config is not None:
+                    running[config] = t.number
+            elif t.state == TrialState.WAITING:
+                config = config_of(t)
+                if config is not None:
+                    waiting[t.number] = config
+            elif is_counted(t):
+                counted += 1
+                if strategy is not None and t.number not in recorded:
+                    observe(strategy, M, t)
+                    recorded.add(t.number)
+        return counted, n_running, running, waiting
+
+    def _claim_once(self, study, M, strategy: Strategy, n_trials: int):
+        now = time.time()
+        counted, n_running, running, waiting = self._scan(study, M, strategy)
+        if counted >= n_trials:
+            return DONE
+        if counted + n_running >= n_trials:
+            return BUSY
+        if not waiting and strategy.exhausted(M, set(running)):
+            return BUSY if n_running else DONE
+        strategy.exclude(M, set(running) | set(waiting.values()))
+        trial = study.ask()
+        config = Config(*(int(trial.suggest_categorical(p, strategy.choices[p])) for p in PARAM_NAMES))
+        strategy.asked(M, config)
+        enqueued = trial.number in waiting  # Optuna pops queued trials first
+        if config in running or (enqueued and config in strategy.tried(M)):
+            taken = f"trial {running[config]} runs it" if config in running else "it was tried already"
+            trial.set_user_attr("error", f"{INTERRUPTED}: duplicate config ({taken})")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
+        return trial, config

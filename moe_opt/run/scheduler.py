@@ -1,0 +1,273 @@
+"""The trial loop of a tune: claim a trial per batch size, compile its config, measure it, tell its study.
+
+On a GPU three kinds of work overlap, so that the GPU rarely waits:
+- compiling, in a pool of processes (compile.py): every batch size's claimed config, and the likely next ones;
+- measuring, in the measuring process (isolation.py), with the next measurement queued behind the running one;
+- this process's bookkeeping between measurements: telling the study a result, claiming the next trial.
+
+A batch size's next config depends on its last result, so each batch size holds at most one claimed trial. On the
+GPU every open batch size holds one at once (its config compiles meanwhile) and the loop measures whichever has
+compiled, in round-robin order. With a measurer that answers at once and no compiling (a replay table, the CPU
+interpreter) a trial is claimed just before it is measured, round-robin, one batch size after another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from ..errors import TuneError
+from ..measure.base import AsyncMeasurer, Measurement, describe_failure
+from ..search.base import Strategy
+from ..space import Config
+from ..store.schema import config_of, is_compile_failure
+from ..view.notes import refresh_study_note
+from .coordinator import BUSY, DONE
+
+LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
+BUSY_POLL_S = 0.5  # how often a process whose batch sizes all run elsewhere looks again
+COMPILE_POLL_S = 0.5  # how long one wait for a compile lasts before the loop looks at Ctrl-C and the clock
+
+
+@dataclass
+class Claim:
+    """A trial this process claimed: its config runs next at batch size M."""
+
+    M: int
+    study: optuna.Study
+    trial: optuna.Trial
+    config: Config
+
+
+@dataclass
+class LoopTimes:
+    """Where the loop's wall-clock time went (seconds), for the tune's summary and docs/performance.md."""
+
+    measuring_s: float = 0.0  # waiting for the measurer's results
+    compile_wait_s: float = 0.0  # nothing to measure: every claimed config was still compiling
+    measured: int = 0  # configurations measured on the measurer
+    compile_failed: int = 0  # claimed configs that failed to compile (told without measuring)
+
+
+def measure_one(measurer: Any, pool: Any, config: Config, M: int) -> Measurement:
+    """Measure one config now: its compile's failure if it has one, else the measurer's result; never raises
+    (except TuneError: the measurer itself cannot work)."""
+    if pool is not None:
+        failure = compile_failure(pool, config)
+        if failure is not None:
+            return Measurement(None, failure)
+    try:
+        return measurer.measure(config, M)
+    except TuneError:
+        raise
+    except Exception as exc:  # failure is a value: never let one config end the study
+        return Measurement(None, describe_failure(exc))
+
+
+def compile_failure(pool: Any, config: Config) -> str | None:
+    """The compile pool's failure for a config, if it is a compile failure. A launch error in a compile worker
+    (one whose CUDA context an earlier config broke) is not: the measurer retries the config."""
+    try:
+        failure = pool.result(config)
+    except Exception:  # a broken compile pool: the measurer compiles the config itself
+        return None
+    return failure if is_compile_failure(failure) else None
+
+
+class MeasureQueue:
+    """submit()/collect() over any measurer: the isolated one queues in its process, others measure at collect."""
+
+    def __init__(self, measurer: Any):
+        self.measurer = measurer
+        self.asynchronous = isinstance(measurer, AsyncMeasurer)
+        self._waiting: deque = deque()
+
+    def submit(self, config: Config, M: int) -> None:
+        if self.asynchronous:
+            self.measurer.submit(config, M)
+        else:
+            self._waiting.append((config, M))
+
+    def collect(self) -> Measurement:
+        if not self.asynchronous:
+            return measure_one(self.measurer, None, *self._waiting.popleft())
+        try:
+            return self.measurer.collect()
+        except TuneError:
+            raise
+        except Exception as exc:
+            return Measurement(None, describe_failure(exc))
+
+
+def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: Any, pool: Any, n_trials: int, *,
+               coord: Any, defaults: dict[int, Config], deadline: float | None, progress: bool, stop: Any = None,
+               times: LoopTimes | None = None) -> bool:
+    """Run trials until every study has n_trials counted trials, the deadline (time.perf_counter()) passes, or
+    Ctrl-C. Every trial is claimed through the coordinator (shared budget, no config twice, stale trials retried),
+    so this runs the same alone or as one of many workers. Returns whether the search was interrupted.
+
+    Example:
+        >>> times = LoopTimes()  # the session sets up the studies, strategy and coordinator  # doctest: +SKIP
+        >>> run_trials(studies, strategy, measurer, pool, 48, coord=coord, defaults=defaults, deadline=None,
+        ...            progress=True, times=times)  # doctest: +SKIP
+        False
+        >>> times.measured, round(times.compile_wait_s, 1)  # doctest: +SKIP
+        (864, 17.2)
+    """
+    from ..view.progress import Progress
+    from .stop import StopFlag
+
+    times = times if times is not None else LoopTimes()
+    queue = MeasureQueue(measurer)
+    eager = pool is not None  # claim every batch size's next trial at once, so their configs compile meanwhile
+    depth = 2 if queue.asynchronous else 1  # measurements handed to the measurer at a time
+    order = list(studies)
+    bar = Progress(studies, n_trials, defaults, enabled=progress)
+    done: set[int] = set()
+    busy: set[int] = set()
+    measured_here: set[int] = set()
+    pending: dict[int, Claim] = {}  # claimed, not yet handed to the measurer
+    inflight: deque[Claim] = deque()  # handed to the measurer, oldest first
+    cursor = 0  # round-robin position in order
+    told_since_ahead = len(order)  # compile ahead at once, then about once per round
+
+    def claim(M: int) -> Claim | None:
+        result = coord.claim(studies[M], M, strategy, n_trials)
+        if result == DONE:
+            done.add(M)
+            if M in measured_here:
+                refresh_study_note(studies[M])  # this batch size is done: its dashboard note is final
+            return None
+        if result == BUSY:
+            busy.add(M)
+            return None
+        c = Claim(M, studies[M], *result)
+        coord.hold(c.study, c.trial)
+        return c
+
+    def finish(c: Claim, m: Measurement) -> None:
+        nonlocal told_since_ahead
+        coord.drop(c.trial)
+        told_since_ahead += 1
+        if tell(c.study, c.trial, c.config, m, strategy, c.M):
+            measured_here.add(c.M)
+            bar.update(c.M, c.config, m)
+
+    def in_flight(M: int) -> bool:
+        return any(c.M == M for c in inflight)
+
+    def round_robin(candidates: list[int]) -> list[int]:
+        return sorted(candidates, key=lambda M: (order.index(M) - cursor) % len(order))
+
+    def next_claim(block: bool) -> Claim | None:
+        """The next trial to hand to the measurer: a compiled one of pending (eager), or a new claim."""
+        nonlocal cursor
+        if not eager:
+            for M in round_robin([M for M in order if M not in done and not in_flight(M)]):
+                c = claim(M)
+                if c is not None:
+                    cursor = order.index(M) + 1
+                    return c
+            return None
+        while pending:
+            for M in round_robin(list(pending)):
+                if pool.ready(pending[M].config):
+                    cursor = order.index(M) + 1
+                    return pending.pop(M)
+            if not block:
+                return None
+            t0 = time.perf_counter()
+            pool.wait_any([c.config for c in pending.values()], timeout_s=COMPILE_POLL_S)
+            times.compile_wait_s += time.perf_counter() - t0
+            if flag.stop or out_of_time():
+                return None
+        return None
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
+    with StopFlag(external=stop, install=stop is None) as flag, coord.heartbeat():
+        try:
+            while True:
+                stopping = flag.stop or out_of_time()
+                if not stopping:
+                    busy.clear()
+                    if eager:
+                        for M in order:
+                            if M not in done and M not in pending and not in_flight(M):
+                                c = claim(M)
+                                if c is not None:
+                                    pending[M] = c
+                                    pool.ensure([c.config])
+                        if told_since_ahead >= len(order) - len(done):
+                            _compile_ahead(pool, studies, strategy, [M for M in order if M not in done])
+                            told_since_ahead = 0
+                    while len(inflight) < depth and not (flag.stop or out_of_time()):
+                        c = next_claim(block=not inflight)
+                        if c is None:
+                            break
+                        failure = compile_failure(pool, c.config) if pool is not None else None
+                        if failure is not None:
+                            times.compile_failed += 1
+                            finish(c, Measurement(None, failure))
+                            continue
+                        queue.submit(c.config, c.M)
+                        inflight.append(c)
+                if not inflight:
+                    if stopping or len(done) == len(studies):
+                        break
+                    if busy and not pending:
+                        time.sleep(BUSY_POLL_S)  # the last trials run in other processes; they may finish or go stale
+                    continue
+                c = inflight.popleft()
+                t0 = time.perf_counter()
+                m = queue.collect()
+                times.measuring_s += time.perf_counter() - t0
+                times.measured += 1
+                finish(c, m)
+        except BaseException:  # Ctrl-C twice, or an error: held trials are retried by the next run, not left RUNNING
+            for c in [*inflight, *pending.values()]:
+                coord.drop(c.trial)
+                coord.release(c.study, c.trial._trial_id, c.trial.params, c.trial.number, "stopped while it was measured")
+            raise
+        for c in pending.values():  # claimed but stopped before measuring: retried first by the next run
+            coord.drop(c.trial)
+            coord.release(c.study, c.trial._trial_id, c.trial.params, c.trial.number, "stopped before it was measured")
+    bar.close()
+    return flag.stop
+
+
+def _compile_ahead(pool: Any, studies: dict[int, optuna.Study], strategy: Strategy, open_ms: list[int]) -> None:
+    """Compile what each batch size will likely run next while the GPU measures: the queued configs (warm start,
+    retries), then speculatively the search's next likely proposals."""
+    queued = (config_of(t) for M in open_ms for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    pool.ensure(c for c in queued if c is not None)
+    pool.ensure((c for M in open_ms for c in strategy.lookahead(M, LOOKAHEAD)), speculative=True)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measurement, strategy: Strategy,
+         M: int) -> bool:
+    """Record a measurement; False if another process failed the trial meanwhile (its heartbeat looked stale:
+    the config is retried, this measurement dropped)."""
+    try:
+        for key, value in m.attrs.items():
+            trial.set_user_attr(key, value)
+        if m.ok:
+            study.tell(trial, m.latency_us)
+        else:
+            trial.set_user_attr("error", m.error)
+            study.tell(trial, state=TrialState.FAIL)
+    except (UpdateFinishedTrialError, ValueError):
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            raise
+        print(f"moe-opt: trial {trial.number} (M={M}) was failed by another process meanwhile; its config is "
+              "retried and this measurement dropped", flush=True)
+        return False
+    strategy.observe(M, config, m.latency_us if m.ok else None, compile_failure=is_compile_failure(m.error))
+    return True

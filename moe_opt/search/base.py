@@ -1,0 +1,127 @@
+"""The strategy interface: what the tune's coordinator and compile-ahead ask of a search strategy.
+
+A strategy serves every batch size of one tune. The coordinator (run/coordinator.py) creates each batch size's
+Optuna study with ``strategy.sampler(M)``, tells it what other processes run (``exclude``), asks whether
+anything is left (``exhausted``), says what a new trial runs (``asked``) and feeds back every counted trial
+(``observe``); the scheduler compiles ``lookahead`` configs ahead. Nothing else about a strategy is read.
+
+Every strategy shares one :class:`~moe_opt.search.surrogate.SearchState` (what all batch sizes measured), which
+also serves the warm start and the compile-ahead guesses.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from ..space import PARAM_NAMES, Config
+from .surrogate import SearchState
+
+
+def distributions(choices: dict[str, Sequence[int]]) -> dict:
+    from optuna.distributions import CategoricalDistribution
+
+    return {name: CategoricalDistribution(list(choices[name])) for name in PARAM_NAMES}
+
+
+class Strategy:
+    """A search strategy over the configs of one tune (base class: the bookkeeping every strategy shares).
+
+    Args:
+        state: the shared search state (candidates, what was measured).
+        choices: allowed values of each tunable (the trials' distributions).
+        seed: seed of the strategy's random draws; batch size i uses ``seed * 1009 + i``.
+    """
+
+    name = "base"
+
+    def __init__(self, state: SearchState, choices: dict[str, Sequence[int]], seed: int | None = None):
+        self.state = state
+        self.choices = choices
+        self.seed = seed
+        self._pending: dict[int, set[Config]] = {}  # asked by this process at M, not yet observed
+        self._elsewhere: dict[int, set[Config]] = {}  # running or queued in other processes at M
+        self._samplers: dict[int, Any] = {}
+
+    # What the coordinator calls.
+    def sampler(self, M: int) -> Any:
+        """The Optuna sampler of batch size M's study (one per M, made once)."""
+        if M not in self._samplers:
+            index = len(self._samplers)
+            self._samplers[M] = self._make_sampler(M, None if self.seed is None else self.seed * 1009 + index)
+        return self._samplers[M]
+
+    def exclude(self, M: int, configs: set[Config]) -> None:
+        """Configs other processes run or have queued at M: never proposed meanwhile."""
+        self._elsewhere[M] = set(configs)
+
+    def exhausted(self, M: int, running: set[Config] = frozenset()) -> bool:
+        """Whether nothing is left to propose at M (the exhaustive strategies end there)."""
+        return False
+
+    def asked(self, M: int, config: Config) -> None:
+        """A new trial of M runs ``config``."""
+        self._pending.get(M, set()).discard(config)
+
+    def observe(self, M: int, config: Config, latency_us: float | None, *, compile_failure: bool = False) -> None:
+        """A counted trial's outcome (idempotent)."""
+        self.state.record(M, config, latency_us, compile_failure=compile_failure)
+
+    def tried(self, M: int) -> set[Config]:
+        return self.state.tried(M)
+
+    def lookahead(self, M: int, k: int) -> list[Config]:
+        """The k configs most likely to be asked next at M (compiled ahead while the GPU measures)."""
+        return self.state.lookahead(M, k)
+
+    # What subclasses provide.
+    def _make_sampler(self, M: int, seed: int | None) -> Any:
+        raise NotImplementedError
+
+    def _blocked(self, M: int) -> set[Config]:
+        return self._pending.setdefault(M, set()) | self._elsewhere.get(M, set())
+
+
+class ProposingStrategy(Strategy):
+    """A strategy that proposes whole configs itself (moe_opt's search, the grid walk) through one Optuna
+    sampler adapter per batch size; Optuna's enqueued (warm-start, retry) trials take precedence."""
+
+    def propose(self, M: int, rng: random.Random) -> Config | None:
+        raise NotImplementedError
+
+    def exhausted(self, M: int, running: set[Config] = frozenset()) -> bool:
+        return not (set(self.state.open_candidates(M)) - self._blocked(M) - set(running))
+
+    def _make_sampler(self, M: int, seed: int | None) -> Any:
+        return _ProposingSampler(self, M, seed)
+
+
+def _ProposingSampler(strategy: ProposingStrategy, M: int, seed: int | None):
+    """The Optuna adapter of a proposing strategy (a BaseSampler subclass, made when Optuna is loaded)."""
+    from optuna.samplers import BaseSampler, RandomSampler
+
+    class ProposingSampler(BaseSampler):
+        def __init__(self) -> None:
+            self._rng = random.Random(seed)
+            self._fallback = RandomSampler(seed=seed)
+
+        def reseed_rng(self) -> None:
+            self._rng.seed()
+            self._fallback.reseed_rng()
+
+        def infer_relative_search_space(self, study, trial) -> dict:
+            return dict(distributions(strategy.choices))
+
+        def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+            if "fixed_params" in trial.system_attrs:  # an enqueued warm-start or retry config
+                return {}
+            config = strategy.propose(M, self._rng)
+            if config is None:
+                return {}
+            strategy._pending.setdefault(M, set()).add(config)
+            return config.to_dict()
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    return ProposingSampler()

@@ -1,0 +1,1 @@
+"""What a person looks at: progress, dashboard notes, the summary table, the HTML report, the dashboard."""
