@@ -26,7 +26,8 @@ _LAZY = {
     "start_dashboard": ("moe_opt.view.dashboard", "start_dashboard"),
 }
 
-__all__ = sorted(["ConfigError", "MoeOptError", "SpecError", "TuneError", *_LAZY])
+__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "TuneResult", "dashboard",
+           "default_config", "fused_moe", "report", "resolve_model", "start_dashboard", "summary", "tune"]
 
 
 def __getattr__(name: str):

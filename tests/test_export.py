@@ -9,13 +9,7 @@ from pathlib import Path
 import pytest
 
 from moe_opt.errors import TuneError
-from moe_opt.export.engines import (
-    export_paths,
-    find_tuned_config_files,
-    load_tuned_configs,
-    write_sglang,
-    write_vllm,
-)
+from moe_opt.export.engines import export_paths, find_tuned_config_files, load_tuned_configs, write_sglang, write_vllm
 from moe_opt.model.spec import ModelSpec
 from moe_opt.space import Config
 

@@ -59,7 +59,7 @@ def test_a_guard_rejected_config_is_named_best_by_no_reader(tmp_path, capsys):
 
     study = optuna.load_study(study_name=result.study_names[64], storage=storage)
     note = study_note(study)
-    assert f"| **best** (trial" in note and "Rejected by the correctness guard: " + str(wrong) in note
+    assert "| **best** (trial" in note and "Rejected by the correctness guard: " + str(wrong) in note
     best_line = next(line for line in note.splitlines() if "**best**" in line)
     assert "| " + " | ".join(str(v) for v in Config.from_dict(result.best[64]).to_dict().values()) in best_line
 

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    Executor,
-    Future,
-    ProcessPoolExecutor,
-    wait,
-)
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterable
 
 from ..model.spec import ModelSpec

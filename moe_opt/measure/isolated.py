@@ -21,13 +21,7 @@ from typing import Any, Callable
 
 from ..errors import TuneError
 from ..space import Config
-from .base import (
-    HealthReporting,
-    Measurement,
-    MeasurerInfo,
-    custom_info,
-    describe_failure,
-)
+from .base import HealthReporting, Measurement, MeasurerInfo, custom_info, describe_failure
 
 DEFAULT_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 600.0  # building the measurer: CUDA context, weights, imports
