@@ -55,8 +55,10 @@ class KernelBackend(Protocol):
     def default_config(self, spec: ModelSpec, M: int) -> Config:
         """The engine's config when no tuned file exists (the baseline of every speedup)."""
 
-    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0) -> Any:
-        """Weights once, activations and routing per batch size, on ``device``."""
+    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0,
+                    routing: Any = None) -> Any:
+        """Weights once, activations and routing (a model.routing.RoutingSpec; None: uniform) per batch size, on
+        ``device``."""
 
     def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
         """One timed fused-MoE call at batch size M with the ``routing_index``-th routing draw."""
@@ -100,10 +102,11 @@ class BuiltinBackend:
     def default_config(self, spec: ModelSpec, M: int) -> Config:
         return space.default_config(M, spec.E, spec.dtype, spec.block_shape)
 
-    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0) -> Any:
+    def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0,
+                    routing: Any = None) -> Any:
         from .inputs import MoeInputs
 
-        return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed)
+        return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing)
 
     def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
         return inputs.call(config, M, routing_index)

@@ -6,6 +6,7 @@ import statistics
 
 import torch
 
+from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
 from ..space import Config
 from .fused_moe import fused_moe
@@ -15,12 +16,16 @@ from .reference import quantize_weight_fp8
 class MoeInputs:
     """Random inputs for one spec on one device: weights once, activations and routing per batch size.
 
-    Routing is a real top-k over random softmaxed logits; ``routing_sets`` different draws are made per batch
+    Routing follows ``routing`` (model/routing/): by default a real top-k over random softmaxed logits, or a
+    Zipf-skewed popularity, or slices of a recorded trace; ``routing_sets`` different draws are made per batch
     size, so repeated calls touch different experts as serving does.
     """
 
-    def __init__(self, spec: ModelSpec, device, *, routing_sets: int = 10, seed: int = 0):
+    def __init__(self, spec: ModelSpec, device, *, routing_sets: int = 10, seed: int = 0,
+                 routing: RoutingSpec | None = None):
         self.spec = spec
+        self.routing = routing if routing is not None else RoutingSpec()
+        self._route = self.routing.router(spec.E, spec.topk)  # a trace is read and checked here, once
         self.device = torch.device(device)
         self.routing_sets = routing_sets
         self.seed = seed
@@ -47,11 +52,7 @@ class MoeInputs:
             spec = self.spec
             gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + M)
             x = torch.randn(M, spec.K, generator=gen, device=self.device, dtype=spec.activation_dtype)
-            routing = []
-            for _ in range(self.routing_sets):
-                logits = torch.randn(M, spec.E, generator=gen, device=self.device, dtype=torch.float32)
-                weights, ids = logits.softmax(-1).topk(spec.topk, dim=-1)
-                routing.append((weights.contiguous(), ids.to(torch.int32).contiguous()))
+            routing = [self._route(M, gen, self.device) for _ in range(self.routing_sets)]
             out = torch.empty(M, spec.K, device=self.device, dtype=spec.activation_dtype)
             self._per_m = {M: (x, routing, out)}  # keep one batch size resident: weights dominate memory
         return self._per_m[M]

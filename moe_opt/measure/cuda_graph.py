@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import torch
 
@@ -40,13 +41,14 @@ class CudaGraphTimer:
     """
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cuda", *, calls_per_graph: int = 10,
-                 replays: int = 5, seed: int = 0, backend: str | KernelBackend = "builtin"):
+                 replays: int = 5, seed: int = 0, backend: str | KernelBackend = "builtin", routing: Any = None):
         self.spec = spec
         self.device = torch.device(device)
         self.calls_per_graph = calls_per_graph
         self.replays = replays
         self.backend = get_backend(backend)
-        self.inputs = self.backend.make_inputs(spec, self.device, routing_sets=calls_per_graph, seed=seed)
+        self.inputs = self.backend.make_inputs(spec, self.device, routing_sets=calls_per_graph, seed=seed,
+                                               routing=routing)
         props = torch.cuda.get_device_properties(self.device)
         # Twice the L2 size, zeroed before each timed replay, evicts the weights of the previous replay.
         l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20

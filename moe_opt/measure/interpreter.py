@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..kernel.backend import KernelBackend, get_backend
 from ..model.spec import ModelSpec
@@ -21,14 +22,15 @@ class InterpreterTimer:
                         description="Triton CPU interpreter, wall clock (not a performance measurement)",
                         is_performance=False, kind="interpreter")
 
-    def __init__(self, spec: ModelSpec, *, seed: int = 0, backend: str | KernelBackend = "builtin"):
+    def __init__(self, spec: ModelSpec, *, seed: int = 0, backend: str | KernelBackend = "builtin",
+                 routing: Any = None):
         from ..kernel.interpret import interpreting
 
         if not interpreting():
             raise RuntimeError("InterpreterTimer needs TRITON_INTERPRET=1 set before moe_opt.kernel is imported")
         self.spec = spec
         self.backend = get_backend(backend)
-        self.inputs = self.backend.make_inputs(spec, "cpu", routing_sets=1, seed=seed)
+        self.inputs = self.backend.make_inputs(spec, "cpu", routing_sets=1, seed=seed, routing=routing)
 
     def measure(self, config: Config, M: int) -> Measurement:
         try:

@@ -268,7 +268,7 @@ class IsolatedMeasurer:
 
 
 def isolated_cuda_graph_timer(spec, device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                              backend: str = "builtin") -> IsolatedMeasurer:
+                              backend: str = "builtin", routing: Any = None) -> IsolatedMeasurer:
     """The GPU path's default measurer: a CudaGraphTimer in an isolated process, started by the first
     measurement (so a tune that stops on bad input, or whose workers do the measuring, never starts it)."""
     from functools import partial
@@ -277,4 +277,5 @@ def isolated_cuda_graph_timer(spec, device: str | None, timeout_s: float = DEFAU
 
     info = cuda_graph_info(device or "cuda")
     info = dataclasses.replace(info, description=f"{info.description}, in an isolated process")
-    return IsolatedMeasurer(partial(CudaGraphTimer, spec, device or "cuda", backend=backend), timeout_s, info=info)
+    return IsolatedMeasurer(partial(CudaGraphTimer, spec, device or "cuda", backend=backend, routing=routing),
+                            timeout_s, info=info)

@@ -25,6 +25,7 @@ from .. import space
 from ..errors import TuneError
 from ..kernel.backend import backend_key, get_backend
 from ..measure.base import MeasurerInfo, custom_info
+from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
 from ..space import Config
 from ..store.identity import StudyIdentity, default_storage
@@ -66,6 +67,7 @@ class TunePlan:
     compile_pool: Any = None
     confirm: bool = True
     kernel: str = "builtin"
+    routing: Any = "uniform"  # a model.routing.RoutingSpec or its words: "uniform", "zipf1.2", "trace:PATH"
 
 
 @dataclass
@@ -101,6 +103,7 @@ class TuneSession:
         self.worker = worker
         self.started = time.perf_counter()
         self.backend = get_backend(plan.kernel)
+        self.routing = plan.routing if isinstance(plan.routing, RoutingSpec) else RoutingSpec.parse(plan.routing)
         self.spec = plan.spec
         self.table = None  # the replay table, in replay mode
         self.measurer: Any = None
@@ -151,6 +154,10 @@ class TuneSession:
         if plan.replay is not None:
             from ..measure.replay import ReplayTable
 
+            if self.routing.kind != "uniform":
+                raise TuneError(f"routing {self.routing.key()} needs a measurer that times the kernel; a replay "
+                                "table was recorded with uniform routing")
+
             self.table = ReplayTable(plan.replay)
             meta = self.table.metadata()
             if self.spec is None and meta.get("spec"):
@@ -182,7 +189,8 @@ class TuneSession:
 
             self.devices = worker_devices(plan.n_workers, plan.device)
         device = "cuda:0" if self.parallel else plan.device
-        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.name)
+        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.name,
+                                                  routing=self.routing)
         self._owned.append(self.measurer)
         if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
             self.measurer.start()
@@ -194,7 +202,7 @@ class TuneSession:
 
         plan = self.plan
         self.spec = interpreter_spec(self.spec)
-        self.measurer = InterpreterTimer(self.spec, backend=self.backend)
+        self.measurer = InterpreterTimer(self.spec, backend=self.backend, routing=self.routing)
         if plan.batch_sizes is None:
             plan.batch_sizes = INTERPRETER_BATCH_SIZES
         if self.n_trials is None and plan.sampler != "grid":
@@ -238,7 +246,8 @@ class TuneSession:
         meta = self.table.metadata() if self.table is not None else {}
         triton = meta.get("triton") if self.table is not None else None
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
-                             table_name=Path(self.plan.replay).stem if self.table is not None else None)
+                             table_name=Path(self.plan.replay).stem if self.table is not None else None,
+                             routing=self.routing.key())
 
     def _open_studies(self) -> None:
         import optuna

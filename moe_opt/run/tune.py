@@ -21,7 +21,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
          measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
-         kernel: str = "builtin") -> TuneResult:
+         kernel: str = "builtin", routing: Any = "uniform") -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     One Optuna study per batch size is searched (moe_opt's search by default), every trial claimed so that any
@@ -62,6 +62,9 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         confirm: after the search, re-measure each batch size's close contenders and SGLang's default three more
             times and rank and report them by those medians (not in replay mode or on the interpreter).
         kernel: the kernel backend to time ("builtin"; kernel/backend.py).
+        routing: the routing of the timed calls (docs/routing.md): "uniform" (default: a real top-k over random
+            logits), "zipf<s>" (expert popularity 1/rank^s, e.g. "zipf1.2"), "trace:PATH" (slices of a recorded
+            trace: SGLang's topk_ids dumps, .pt or .npy), or a model.routing.RoutingSpec. Part of the study identity.
 
     Returns:
         TuneResult.
@@ -84,7 +87,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                     sampler=sampler, seed=seed, output_dir=output_dir, warm_start=warm_start,
                     tuned_config_dirs=list(tuned_config_dirs), device=device, replay=replay, measurer=measurer,
                     compile_workers=compile_workers, progress=progress, n_workers=n_workers, guard=guard,
-                    measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel)
+                    measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel,
+                    routing=routing)
     with TuneSession(plan) as session:
         session.prepare()
         session.search()

@@ -47,6 +47,8 @@ class StudyIdentity:
         triton_version: the Triton release the kernels were compiled with (a replay: the table's).
         kernel: the kernel backend and its version, "builtin@1".
         table_name: the replay table's file stem (names the shape when the table records no spec).
+        routing: the routing of the timed calls (model.routing.RoutingSpec.key()): "uniform" (left out of the
+            name, as in every study before routing could be chosen), "zipf1.2", "trace:<file>@<sha1>".
 
     Example:
         >>> spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336)
@@ -59,12 +61,14 @@ class StudyIdentity:
     triton_version: str
     kernel: str
     table_name: str | None = None
+    routing: str = "uniform"
 
     @property
     def base(self) -> str:
         """Everything but the batch size."""
+        routing = f"|routing={self.routing}" if self.routing != "uniform" else ""
         return (f"{STUDY_PREFIX}|{shape_key(self.spec, self.table_name)}|{self.source.replace(' ', '_')}"
-                f"|triton={self.triton_version}|kernel={self.kernel}")
+                f"|triton={self.triton_version}|kernel={self.kernel}{routing}")
 
     def name(self, M: int) -> str:
         """``<base>|M=<M>``: readable in the dashboard and sorted by shape, then source, then batch size."""
@@ -79,7 +83,7 @@ class StudyIdentity:
         """The study's user attributes (device_name names the engines' files; for a replay, the table's GPU)."""
         attrs: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "moe_opt_base": self.base, "M": M, "source": self.source,
-            "kernel": self.kernel, "device_name": device_name, "triton_version": self.triton_version,
+            "kernel": self.kernel, "routing": self.routing, "device_name": device_name, "triton_version": self.triton_version,
             "torch_version": torch_version, "measurement": description, "is_performance": is_performance,
         }
         spec = self.spec
