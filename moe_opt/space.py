@@ -78,6 +78,31 @@ class Config:
                 f"G{self.GROUP_SIZE_M} w{self.num_warps} s{self.num_stages}")
 
 
+@dataclass(frozen=True, order=True)
+class ConfigPair:
+    """A config for each GEMM of one fused-MoE call: ``up`` for GEMM1 (gate/up projection), ``down`` for GEMM2.
+
+    SGLang reads them from two files (``<name>.json`` and ``<name>_down.json``); both GEMMs walk one
+    ``moe_align_block_size`` result, so they must share BLOCK_SIZE_M.
+
+    Example:
+        >>> p = ConfigPair(Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 16, 4, 4))
+        >>> str(p)
+        'up M16 N64 K128 G1 w4 s3 / down M16 N128 K128 G16 w4 s4'
+    """
+
+    up: Config
+    down: Config
+
+    def __post_init__(self) -> None:
+        if self.up.BLOCK_SIZE_M != self.down.BLOCK_SIZE_M:
+            raise ValueError(f"a config pair shares BLOCK_SIZE_M (one alignment for both GEMMs); got up "
+                             f"{self.up.BLOCK_SIZE_M} and down {self.down.BLOCK_SIZE_M}")
+
+    def __str__(self) -> str:
+        return f"up {self.up} / down {self.down}"
+
+
 def as_config(config: Config | Mapping[str, object]) -> Config:
     """Accept a Config or a dict with the six keys."""
     return config if isinstance(config, Config) else Config.from_dict(config)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import TuneError
 from ..model.spec import ModelSpec
-from ..space import PARAM_NAMES, Config, as_config
+from ..space import PARAM_NAMES, Config, ConfigPair, as_config
 
 # SGLang sorts its configs/triton_* folders by the integer parts of the version when it falls back to another
 # Triton version, so a folder such as triton_3_5_0+git1a2b would break that lookup for every shape.
@@ -103,11 +103,20 @@ def write_vllm(spec: ModelSpec, configs: Mapping[int, Config], output_dir: str |
 
 
 def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_dir: str | os.PathLike, *,
-                       device_name: str, triton_version: str) -> tuple[dict[str, Path], list[int]]:
-    """Write the SGLang and the vLLM file of ``configs``, merged with the SGLang file already there: batch sizes
-    it holds that ``configs`` has no entry for are kept, so a file is only ever replaced by a whole one.
+                       device_name: str, triton_version: str,
+                       sglang_pairs: Mapping[int, ConfigPair] | None = None) -> tuple[dict[str, Path], list[int]]:
+    """Write the engines' files, each merged with the file already there: batch sizes it holds that this call
+    has no entry for are kept, so a file is only ever replaced by a whole one.
 
-    Returns ({"sglang": path, "vllm": path}, the batch sizes kept from the older file).
+    Args:
+        spec, output_dir, device_name, triton_version: as for :func:`write_sglang`.
+        configs: {M: Config}: the best single config of each batch size (vLLM's file, which has one config per
+            batch size for both GEMMs; SGLang's too when no pairs are given).
+        sglang_pairs: {M: ConfigPair} of a pair tune: SGLang's up file gets each pair's up config and its
+            ``_down`` file the down config (same BLOCK_SIZE_M).
+
+    Returns:
+        ({"sglang": path, "vllm": path[, "sglang_down": path]}, the batch sizes kept from the older files).
 
     Example:
         >>> import tempfile
@@ -118,18 +127,32 @@ def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_di
         >>> kept, sorted(load_tuned_configs(files["vllm"]))
         ([1], [1, 64])
     """
-    merged = dict(configs)
-    older = export_paths(spec, output_dir, device_name=device_name, triton_version=triton_version)["sglang"]
-    kept: list[int] = []
-    if older.exists():
-        try:
-            kept = sorted(M for M in load_tuned_configs(older) if M not in configs)
-            merged = {**{M: c for M, c in load_tuned_configs(older).items() if M in kept}, **merged}
-        except TuneError:
-            kept = []  # an unreadable older file is replaced whole
     kwargs = dict(device_name=device_name, triton_version=triton_version)
-    return {"sglang": write_sglang(spec, merged, output_dir, **kwargs),
-            "vllm": write_vllm(spec, merged, output_dir, **kwargs)}, kept
+    up = {M: p.up for M, p in sglang_pairs.items()} if sglang_pairs else dict(configs)
+    paths = export_paths(spec, output_dir, **kwargs)
+    kept: set[int] = set()
+    files: dict[str, Path] = {}
+    planned = [("sglang", up, lambda c: write_sglang(spec, c, output_dir, **kwargs)),
+               ("vllm", dict(configs), lambda c: write_vllm(spec, c, output_dir, **kwargs))]
+    if sglang_pairs:
+        planned.append(("sglang_down", {M: p.down for M, p in sglang_pairs.items()},
+                        lambda c: write_sglang(spec, c, output_dir, down=True, **kwargs)))
+    for kind, entries, write in planned:
+        older = _older_entries(paths[kind], entries)
+        kept |= set(older)
+        files[kind] = write({**older, **entries})
+    return files, sorted(kept)
+
+
+def _older_entries(path: Path, entries: Mapping[int, Config]) -> dict[int, Config]:
+    """The entries of an existing file for batch sizes ``entries`` lacks ({} for no file, or an unreadable one,
+    which is replaced whole)."""
+    if not path.exists():
+        return {}
+    try:
+        return {M: c for M, c in load_tuned_configs(path).items() if M not in entries}
+    except TuneError:
+        return {}
 
 
 def load_tuned_configs(path: str | os.PathLike) -> dict[int, Config]:
@@ -232,7 +255,8 @@ def find_tuned_config_files(spec: ModelSpec, device_name: str, search_dirs: Iter
 
 def export_paths(spec: ModelSpec, output_dir: str | os.PathLike, *, device_name: str,
                  triton_version: str) -> dict[str, Path]:
-    """Where :func:`write_sglang` and :func:`write_vllm` would write, keyed "sglang" and "vllm".
+    """Where :func:`write_sglang` and :func:`write_vllm` would write, keyed "sglang", "sglang_down" (SGLang's
+    down-projection file) and "vllm".
 
     Example:
         >>> spec = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
@@ -244,6 +268,7 @@ def export_paths(spec: ModelSpec, output_dir: str | os.PathLike, *, device_name:
         'out/E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json'
     """
     return {"sglang": _sglang_path(spec, output_dir, device_name, triton_version, down=False),
+            "sglang_down": _sglang_path(spec, output_dir, device_name, triton_version, down=True),
             "vllm": _vllm_path(spec, output_dir, device_name)}
 
 

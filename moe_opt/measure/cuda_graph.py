@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..kernel.backend import KernelBackend, get_backend
 from ..model.spec import ModelSpec
-from ..space import HOPPER_SHARED_MEMORY_BYTES, Config
+from ..space import HOPPER_SHARED_MEMORY_BYTES, Config, ConfigPair
 from .base import Measurement, MeasurerInfo, describe_failure
 from .roofline import moe_flops, moe_min_bytes
 
@@ -41,12 +42,14 @@ class CudaGraphTimer:
     """
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cuda", *, calls_per_graph: int = 10,
-                 replays: int = 5, seed: int = 0, backend: str | KernelBackend = "builtin", routing: Any = None):
+                 replays: int = 5, seed: int = 0, backend: str | KernelBackend = "builtin", routing: Any = None,
+                 split_stages: bool = False):
         self.spec = spec
         self.device = torch.device(device)
         self.calls_per_graph = calls_per_graph
         self.replays = replays
         self.backend = get_backend(backend)
+        self.split_stages = split_stages  # also time GEMM1's stage alone: attrs up_us, down_us (pair tunes)
         self.inputs = self.backend.make_inputs(spec, self.device, routing_sets=calls_per_graph, seed=seed,
                                                routing=routing)
         props = torch.cuda.get_device_properties(self.device)
@@ -55,7 +58,7 @@ class CudaGraphTimer:
         self._flush = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=self.device)
         self.info = cuda_graph_info(self.device, calls_per_graph, replays)
 
-    def measure(self, config: Config, M: int) -> Measurement:
+    def measure(self, config: Config | ConfigPair, M: int) -> Measurement:
         try:
             with torch.cuda.device(self.device):
                 return self._measure(config, M)
@@ -81,18 +84,34 @@ class CudaGraphTimer:
         except Exception:
             return False
 
-    def _measure(self, config: Config, M: int) -> Measurement:
-        self.backend.call(self.inputs, config, M)  # compiles (or loads from Triton's cache) outside the graph
+    def _measure(self, config: Config | ConfigPair, M: int) -> Measurement:
+        call = partial(self.backend.call, self.inputs, config, M)
+        latency, times_us = self._time(call)
+        active = self.inputs.active_experts(M)
+        attrs = {"tflops": moe_flops(self.spec, M) / latency / 1e6,
+                 "gbps": moe_min_bytes(self.spec, M, active) / latency / 1e3,
+                 "replay_spread": (max(times_us) - min(times_us)) / latency}
+        if self.split_stages and isinstance(config, Config):
+            # GEMM1's stage (alignment, GEMM1, activation) timed alone, GEMM2's as the rest of the whole call: a
+            # separate GEMM2 graph would read GEMM1's output from HBM after the flush, not from L2 as serving does.
+            up_us, _ = self._time(partial(self.backend.call_up, self.inputs, config, M))
+            attrs.update(up_us=up_us, down_us=max(latency - up_us, 1e-3 * latency))
+        return Measurement(latency, None, attrs)
+
+    def _time(self, call) -> tuple[float, list[float]]:
+        """(median µs per call, every replay's µs per call) of ``call(routing_index=i)`` for i < calls_per_graph,
+        captured in one CUDA graph, the L2 flushed before each replay."""
+        call()  # compiles (or loads from Triton's cache) outside the graph
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.backend.call(self.inputs, config, M)  # warm-up on the capture stream, as torch.cuda.graphs asks
+            call()  # warm-up on the capture stream, as torch.cuda.graphs asks
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(graph):
             for i in range(self.calls_per_graph):
-                self.backend.call(self.inputs, config, M, routing_index=i)
+                call(routing_index=i)
         graph.replay()
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
@@ -106,10 +125,4 @@ class CudaGraphTimer:
             end.synchronize()
             times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
         del graph
-        latency = statistics.median(times_us)
-        active = self.inputs.active_experts(M)
-        return Measurement(latency, None, {
-            "tflops": moe_flops(self.spec, M) / latency / 1e6,
-            "gbps": moe_min_bytes(self.spec, M, active) / latency / 1e3,
-            "replay_spread": (max(times_us) - min(times_us)) / latency,
-        })
+        return statistics.median(times_us), times_us

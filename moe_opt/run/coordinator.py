@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..search.base import Strategy
 from ..space import PARAM_NAMES, Config
 from ..store.locks import claim_lock
+from ..store.results import DOWN_ATTR, UP_ATTR
 from ..store.schema import (
     INTERRUPTED,
     config_of,
@@ -107,7 +108,8 @@ def observe(strategy: Strategy, M: int, trial: FrozenTrial) -> None:
     if config is None:
         return
     if trial.state == TrialState.COMPLETE:
-        strategy.observe(M, config, float(trial.value))
+        stages = {k: float(v) for k, v in trial.user_attrs.items() if k in (UP_ATTR, DOWN_ATTR)}
+        strategy.observe(M, config, float(trial.value), stages=stages or None)
     else:
         strategy.observe(M, config, None, compile_failure=is_compile_failure(error_of(trial)))
 

@@ -26,6 +26,7 @@ from ..errors import TuneError
 from ..measure.base import AsyncMeasurer, Measurement, describe_failure
 from ..search.base import Strategy
 from ..space import Config
+from ..store.results import DOWN_ATTR, UP_ATTR
 from ..store.schema import config_of, is_compile_failure
 from ..view.notes import refresh_study_note
 from .coordinator import BUSY, DONE
@@ -269,5 +270,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measuremen
         print(f"moe-opt: trial {trial.number} (M={M}) was failed by another process meanwhile; its config is "
               "retried and this measurement dropped", flush=True)
         return False
-    strategy.observe(M, config, m.latency_us if m.ok else None, compile_failure=is_compile_failure(m.error))
+    stages = {k: v for k, v in m.attrs.items() if k in (UP_ATTR, DOWN_ATTR)}
+    strategy.observe(M, config, m.latency_us if m.ok else None, compile_failure=is_compile_failure(m.error),
+                     stages=stages or None)
     return True

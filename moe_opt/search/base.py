@@ -63,8 +63,10 @@ class Strategy:
         """A new trial of M runs ``config``."""
         self._pending.get(M, set()).discard(config)
 
-    def observe(self, M: int, config: Config, latency_us: float | None, *, compile_failure: bool = False) -> None:
-        """A counted trial's outcome (idempotent)."""
+    def observe(self, M: int, config: Config, latency_us: float | None, *, compile_failure: bool = False,
+                stages: dict[str, float] | None = None) -> None:
+        """A counted trial's outcome (idempotent); ``stages`` holds the GEMM stages' times of a pair tune
+        ({"up_us": ..., "down_us": ...}), which strategies that search each GEMM on its own time use."""
         self.state.record(M, config, latency_us, compile_failure=compile_failure)
 
     def tried(self, M: int) -> set[Config]:

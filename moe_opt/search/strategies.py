@@ -23,6 +23,39 @@ class MoeStrategy(ProposingStrategy):
         return self.state.propose(M, rng, exclude=self._blocked(M))
 
 
+class PairStrategy(MoeStrategy):
+    """moe_opt's search for a config pair (one config per GEMM, sharing BLOCK_SIZE_M): every measurement times
+    both GEMM stages, so one trial informs three searches over the same candidates, on the whole call's time,
+    GEMM1's and GEMM2's; proposals take turns among them, so the trial budget does not double while each GEMM's
+    config is searched on its own GEMM's time. The pair is assembled afterwards (store/results.py, best_pair):
+    per BLOCK_SIZE_M the best up config and the best down config, the better BLOCK_SIZE_M shared."""
+
+    name = "moe-pair"
+    TURNS = ("total", "down", "total", "up")
+
+    def __init__(self, state: SearchState, choices: dict[str, Sequence[int]], seed: int | None = None):
+        super().__init__(state, choices, seed)
+        self.stage_states = {"up": SearchState(state.candidates), "down": SearchState(state.candidates)}
+        self._turn: dict[int, int] = {}
+
+    def observe(self, M: int, config: Config, latency_us: float | None, *, compile_failure: bool = False,
+                stages: dict[str, float] | None = None) -> None:
+        super().observe(M, config, latency_us, compile_failure=compile_failure)
+        for stage, state in self.stage_states.items():
+            us = (stages or {}).get(f"{stage}_us") if latency_us is not None else None
+            if latency_us is None or us is not None:
+                state.record(M, config, us, compile_failure=compile_failure)
+
+    def propose(self, M: int, rng: random.Random) -> Config | None:
+        turn = self._turn.get(M, 0)
+        self._turn[M] = turn + 1
+        which = self.TURNS[turn % len(self.TURNS)]
+        state = self.state if which == "total" else self.stage_states[which]
+        blocked = self._blocked(M) | self.state.tried(M)  # a config measured once gave every stage's time
+        config = state.propose(M, rng, exclude=blocked) if state.measured.get(M) else None
+        return config if config is not None else self.state.propose(M, rng, exclude=self._blocked(M))
+
+
 class GridStrategy(ProposingStrategy):
     """Every candidate config once, in a fixed order: the exhaustive baseline and the replay-table recorder."""
 
@@ -53,12 +86,13 @@ class OptunaStrategy(Strategy):
 
 
 def make_strategy(strategy: Any, state: SearchState, choices: dict[str, Sequence[int]],
-                  seed: int | None = None) -> Strategy:
-    """A strategy by name ("moe", "tpe", "random", "grid"), from an Optuna sampler object, or as given."""
+                  seed: int | None = None, *, pair: bool = False) -> Strategy:
+    """A strategy by name ("moe", "tpe", "random", "grid"), from an Optuna sampler object, or as given; with
+    ``pair``, moe_opt's search runs as :class:`PairStrategy`."""
     if isinstance(strategy, Strategy):
         return strategy
     if strategy is None or strategy == "moe":
-        return MoeStrategy(state, choices, seed)
+        return PairStrategy(state, choices, seed) if pair else MoeStrategy(state, choices, seed)
     if strategy == "grid":
         return GridStrategy(state, choices, seed)
     if strategy in ("tpe", "random"):

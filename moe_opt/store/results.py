@@ -12,11 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..space import Config
+from ..space import Config, ConfigPair
 from .schema import config_of
 
 GUARD_ATTR = "guard"  # {trial number: "passed: ..." | "failed: ..."}
 GUARD_GAVE_UP_ATTR = "guard_gave_up"  # the guard rejected the fastest few: this study has no result
+# Trial user attributes of a study tuned for a config pair: each GEMM stage's time in the measured call (GEMM1 with
+# the alignment and the activation; GEMM2 with the sum over topk), in µs.
+UP_ATTR, DOWN_ATTR = "up_us", "down_us"
+CONFIRMED_PAIR_ATTR = "confirmed_pair"  # {"up": trial, "down": trial, "us": median of the pair's whole call}
 CONFIRMED_ATTR = "confirmed"  # {trial number: re-measured median latency_us}
 
 
@@ -51,6 +55,7 @@ class StudyResult:
     default: Config | None = None
     default_latency_us: float | None = None
     gave_up: str | None = None
+    pair: "PairResult | None" = None
 
     @property
     def best(self) -> Ranked | None:
@@ -58,11 +63,64 @@ class StudyResult:
         return self.ranked[0] if self.ranked and self.gave_up is None else None
 
     @property
+    def engine_pair(self) -> tuple[ConfigPair, float] | None:
+        """What SGLang should run, one config per GEMM, and its latency: the tuned pair where its whole call was
+        timed faster than the best single config, else the best single config for both GEMMs (what SGLang runs
+        without a ``_down`` file)."""
+        if self.best is None:
+            return None
+        pair = self.pair
+        if pair is not None and pair.confirmed_us is not None and pair.confirmed_us < self.best.latency_us:
+            return ConfigPair(pair.up, pair.down), pair.confirmed_us
+        return ConfigPair(self.best.config, self.best.config), self.best.latency_us
+
+    @property
     def speedup(self) -> float | None:
         """default latency / best latency, where both are known."""
         if self.best is None or not self.default_latency_us:
             return None
         return self.default_latency_us / self.best.latency_us
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """The best config pair of a study tuned for pairs.
+
+    Attributes:
+        up, down: GEMM1's config (fastest by its stage time) and GEMM2's (fastest by its), sharing BLOCK_SIZE_M.
+        estimated_us: the sum of the two stage times, each from its own trial.
+        confirmed_us: the pair's whole fused-MoE call, timed (run/confirm.py), or None.
+    """
+
+    up: Config
+    down: Config
+    estimated_us: float
+    confirmed_us: float | None = None
+
+
+def best_pair(complete: list, rejected: dict[Config, str], attrs: dict[str, Any]) -> PairResult | None:
+    """The pair of configs, one per GEMM, with the least summed stage time under one BLOCK_SIZE_M; None when
+    the trials have no stage times (a single-config study, a replay table). The confirmed pair, if any, wins."""
+    stages: dict[int, dict[str, tuple[float, Config]]] = {}
+    for t, c in complete:
+        if c in rejected or UP_ATTR not in t.user_attrs or DOWN_ATTR not in t.user_attrs:
+            continue
+        best_m = stages.setdefault(c.BLOCK_SIZE_M, {})
+        for stage, key in (("up", UP_ATTR), ("down", DOWN_ATTR)):
+            us = float(t.user_attrs[key])
+            if math.isfinite(us) and (stage not in best_m or us < best_m[stage][0]):
+                best_m[stage] = (us, c)
+    sums = [(m["up"][0] + m["down"][0], m["up"][1], m["down"][1]) for m in stages.values() if len(m) == 2]
+    if not sums:
+        return None
+    estimated, up, down = min(sums)
+    confirmed = attrs.get(CONFIRMED_PAIR_ATTR)
+    if confirmed:
+        by_number = {t.number: c for t, c in complete}
+        up_c, down_c = by_number.get(int(confirmed["up"])), by_number.get(int(confirmed["down"]))
+        if up_c is not None and down_c is not None and up_c not in rejected and down_c not in rejected:
+            return PairResult(up_c, down_c, estimated, float(confirmed["us"]))
+    return PairResult(up, down, estimated)
 
 
 def latency_of(trial: Any, confirmed: dict[str, float]) -> float:
@@ -105,7 +163,8 @@ def result_of(trials: list, attrs: dict[str, Any], M: int | None = None) -> Stud
     if default_runs:
         default_us = min(default_runs)
     return StudyResult(int(attrs.get("M", M if M is not None else 0)), ranked, rejected, guard, default,
-                       float(default_us) if default_us is not None else None, attrs.get(GUARD_GAVE_UP_ATTR))
+                       float(default_us) if default_us is not None else None, attrs.get(GUARD_GAVE_UP_ATTR),
+                       best_pair(complete, rejected, attrs))
 
 
 def study_result(study: Any) -> StudyResult:
