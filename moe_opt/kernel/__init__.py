@@ -1,5 +1,5 @@
-"""The builtin Triton fused-MoE kernel (align, GEMM1, clamped SwiGLU, GEMM2, sum), its float64 reference, its
-inputs, and the kernel-backend seam (backend.py).
+"""The builtin Triton fused-MoE kernel (align, GEMM1, clamped SwiGLU, GEMM2, sum), its weight formats, its float64
+reference, its inputs, and the kernel-backend seam (backend.py).
 
 Without a CUDA GPU, Triton can only run kernels through its CPU interpreter, which must be chosen before the
 kernels are defined; importing this package on such a machine therefore sets TRITON_INTERPRET=1 unless it is set.
@@ -14,7 +14,10 @@ if not _torch.cuda.is_available():
 
 from .backend import SUPPORTED_ACTIVATIONS, BuiltinBackend, KernelBackend, get_backend  # noqa: E402
 from .fused_moe import fused_moe  # noqa: E402
-from .reference import fused_moe_reference, quantize_weight_fp8  # noqa: E402
+from .quant import (BLOCK_SIZE_K_CHOICES, QUANT_DTYPES, block_size_k_choices, operand_bytes, pack_int4,  # noqa: E402
+                    quantize_weight_fp8, quantize_weights, unpack_int4)
+from .reference import dequantize_weight, fused_moe_reference  # noqa: E402
 
-__all__ = ["BuiltinBackend", "KernelBackend", "SUPPORTED_ACTIVATIONS", "fused_moe", "fused_moe_reference",
-           "get_backend", "quantize_weight_fp8"]
+__all__ = ["BLOCK_SIZE_K_CHOICES", "BuiltinBackend", "KernelBackend", "QUANT_DTYPES", "SUPPORTED_ACTIVATIONS",
+           "block_size_k_choices", "dequantize_weight", "fused_moe", "fused_moe_reference", "get_backend",
+           "operand_bytes", "pack_int4", "quantize_weight_fp8", "quantize_weights", "unpack_int4"]

@@ -8,9 +8,13 @@ num_stages go to the Triton launch.
 
     C[slot, :] = A[slot // top_k, :] @ B[expert(slot)].T  (* routed weight of the slot, for the down GEMM)
 
-Quantization (QUANT): 0 = bf16/fp16 operands; 1 = fp8_w8a8 with per-tensor scales (one for A, one per expert
-for B); 2 = fp8_w8a8 block-wise: B scales per (expert, group_n rows, group_k cols) block, A scales per
-(token, group_k cols) group.
+Quantization (QUANT): 0 = bf16/fp16 operands; 1 = fp8_w8a8 or int8_w8a8 with per-tensor scales (one for A, one
+per expert for B); 2 = fp8_w8a8 block-wise: B scales per (expert, group_n rows, group_k cols) block, A scales per
+(token, group_k cols) group; 3 = fp8_w8a8 or int8_w8a8 per channel (SGLang's per_channel_quant): one B scale per
+output column, one A scale per token; 4 = int8_w8a16: int8 B converted to the compute dtype (exact), one B scale
+per output column. The per-tensor and per-channel scales multiply the accumulator once, after the K loop. int8 A
+and B (INT8_DOT) give exact int32 partial sums, added to the float32 accumulator as SGLang does. Group-quantized
+weights (int4_w4a16, GPTQ/AWQ) have their own kernel in gemm_wna16.py.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import triton.language as tl
 from ..space import Config
 from .align import AlignedSlots
 from .interpret import interpreting, round_for_cast, round_mode
+from .quant import FP8_DTYPE
 
-QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK = 0, 1, 2
+QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK, QUANT_PER_CHANNEL, QUANT_W8A16 = 0, 1, 2, 3, 4
 
 
 # EM and num_valid_tokens change with the batch size; not specializing on them keeps one binary per config for
@@ -39,8 +44,8 @@ def fused_moe_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
-    QUANT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    INTERP_ROUND: tl.constexpr,
+    QUANT: tl.constexpr, INT8_DOT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INTERP_ROUND: tl.constexpr,
 ):
     # Grouped ordering of the (M blocks x N blocks) tiles, as in Triton's matmul tutorial.
     pid = tl.program_id(axis=0)
@@ -85,6 +90,10 @@ def fused_moe_kernel(
         else:
             offs_bsn = pid_n * BLOCK_SIZE_N // group_n  # the whole tile shares one scale row
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + offs_bsn * stride_bsn
+    if QUANT == 3:
+        a_scale = tl.load(a_scale_ptr + (offs_token // top_k) * stride_asm, mask=token_mask, other=0.0)
+    if QUANT == 3 or QUANT == 4:
+        b_scale = tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)
 
     if SWAP_AB:
         accumulator = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
@@ -98,6 +107,8 @@ def fused_moe_kernel(
         else:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k_start, other=0.0)
+        if QUANT == 4 and not UPCAST_DOT:
+            b = b.to(compute_type)  # |q| <= 128 is exact in bf16/fp16; the scale comes after the loop
         if UPCAST_DOT:
             # Only under TRITON_INTERPRET=1 (interpret.py says why); the GPU never compiles this branch.
             a = a.to(tl.float32)
@@ -117,6 +128,8 @@ def fused_moe_kernel(
                     accumulator += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
                 else:
                     accumulator += tl.dot(a, b) * (a_s[:, None] * b_s)
+        elif INT8_DOT:
+            accumulator += tl.dot(a, b)
         elif SWAP_AB:
             accumulator = tl.dot(tl.trans(b, (1, 0)), tl.trans(a, (1, 0)), acc=accumulator)
         else:
@@ -128,15 +141,20 @@ def fused_moe_kernel(
         accumulator = tl.trans(accumulator, (1, 0))
     if QUANT == 1:
         accumulator = accumulator * (a_scale * b_scale)
+    if QUANT == 3:
+        accumulator = accumulator * a_scale[:, None] * b_scale[None, :]
+    if QUANT == 4:
+        accumulator = accumulator * b_scale[None, :]
     if MUL_ROUTED_WEIGHT:
         routed_weight = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
         accumulator = accumulator * routed_weight[:, None]
     tl.store(c_ptrs, round_for_cast(accumulator, INTERP_ROUND).to(compute_type), mask=c_mask)
 
 
-def use_swap_ab(config: Config, quant: int, device: torch.device) -> bool:
-    """SGLang's rule: swap A and B for fp8 with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 on Hopper (sm_90)."""
-    if quant == QUANT_NONE or config.BLOCK_SIZE_M >= 64 or config.BLOCK_SIZE_N < 64:
+def use_swap_ab(config: Config, fp8: bool, device: torch.device) -> bool:
+    """SGLang's rule: swap A and B for fp8_w8a8 (any scales) with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 on
+    Hopper (sm_90); never for the int8 paths."""
+    if not fp8 or config.BLOCK_SIZE_M >= 64 or config.BLOCK_SIZE_N < 64:
         return False
     if device.type != "cuda":
         return False
@@ -153,11 +171,14 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
     EM = sorted_token_ids.shape[0]  # an upper bound; programs past num_tokens_post_padded return at once
     grid = (triton.cdiv(EM, config.BLOCK_SIZE_M) * triton.cdiv(N, config.BLOCK_SIZE_N),)
     group_n, group_k = block_shape if quant == QUANT_BLOCK else (0, 0)
+    stride_asm = stride_ask = stride_bse = stride_bsn = stride_bsk = 0
     if quant == QUANT_BLOCK:
         stride_asm, stride_ask = a_scale.stride()
         stride_bse, stride_bsn, stride_bsk = b_scale.stride()
-    else:
-        stride_asm = stride_ask = stride_bse = stride_bsn = stride_bsk = 0
+    if quant == QUANT_PER_CHANNEL:
+        stride_asm = a_scale.stride(0)  # (tokens, 1)
+    if quant in (QUANT_PER_CHANNEL, QUANT_W8A16):
+        stride_bse, stride_bsn = b_scale.stride()[:2]  # (E, N) or SGLang's (E, N, 1)
     upcast = interpreting() and a.dtype == torch.bfloat16
     triton_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[compute_type]
     fused_moe_kernel[grid](
@@ -170,7 +191,8 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N, BLOCK_SIZE_K=config.BLOCK_SIZE_K,
         GROUP_SIZE_M=config.GROUP_SIZE_M,
         MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=triton_dtype,
-        QUANT=quant, EVEN_K=K % config.BLOCK_SIZE_K == 0, SWAP_AB=use_swap_ab(config, quant, a.device),
+        QUANT=quant, INT8_DOT=a.dtype == torch.int8, EVEN_K=K % config.BLOCK_SIZE_K == 0,
+        SWAP_AB=use_swap_ab(config, a.dtype == FP8_DTYPE, a.device),
         UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

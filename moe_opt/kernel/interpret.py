@@ -5,7 +5,10 @@ instead of rounding to nearest, and its float32 -> float8_e4m3fn cast gets the c
 crosses a power of two (7.94 becomes 4, not 8). Kernels take an ``INTERP_ROUND`` constexpr that is True only
 under the interpreter: they then round in float32 first, so the cast is exact. On the GPU the flag is False and
 the branch is not compiled, so what the GPU runs is unchanged. The interpreter's tl.dot on two bf16 operands is
-wrong as well (Triton 3.6 and 3.9); gemm.py upcasts those operands under the same condition (UPCAST_DOT).
+wrong as well (Triton 3.6 and 3.9); gemm.py upcasts those operands under the same condition (UPCAST_DOT). So is
+its int8 -> bfloat16 cast (Triton 3.9: -1 becomes NaN, 1 a denormal): under UPCAST_DOT int8_w8a16 converts its
+weights to float32 directly, the same values the GPU gets through bf16. Its libdevice (rint and friends) is not
+implemented at all, so activation.py rounds to int8 with float32 arithmetic that is exact on both.
 """
 
 from __future__ import annotations
