@@ -18,7 +18,7 @@ import optuna
 import moe_opt
 from moe_opt import Config, space
 from moe_opt.cli import main
-from moe_opt.export.engines import export_paths, load_tuned_configs, write_sglang
+from moe_opt.export.engines import export_paths, load_tuned_configs, write_engine_files
 from moe_opt.measure.base import Measurement, MeasurerInfo
 from moe_opt.measure.replay import ReplayTable
 from moe_opt.store.identity import list_moe_studies
@@ -76,8 +76,8 @@ def test_export_from_storage_keeps_the_batch_sizes_already_in_the_folder(tmp_pat
                           progress=False)
     out = tmp_path / "configs"
     kept = Config(32, 64, 128, 16, 4, 3)
-    write_sglang(SPEC, {7: kept, 64: Config(16, 32, 64, 1, 4, 2)}, out, device_name="NVIDIA H200",
-                 triton_version="3.6.0")
+    write_engine_files(SPEC, {7: kept, 64: Config(16, 32, 64, 1, 4, 2)}, out, device_name="NVIDIA H200",
+                       triton_version="3.6.0")  # each engine's file of an earlier tune
     assert main(["export", storage, "-o", str(out)]) == 0
     paths = export_paths(SPEC, out, device_name="NVIDIA H200", triton_version="3.6.0")
     for engine in ("sglang", "vllm"):

@@ -129,7 +129,7 @@ def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_di
     """
     kwargs = dict(device_name=device_name, triton_version=triton_version)
     up = {M: p.up for M, p in sglang_pairs.items()} if sglang_pairs else dict(configs)
-    paths = export_paths(spec, output_dir, **kwargs)
+    paths = export_paths(spec, output_dir, down=True, **kwargs)
     kept: set[int] = set()
     files: dict[str, Path] = {}
     planned = [("sglang", up, lambda c: write_sglang(spec, c, output_dir, **kwargs)),
@@ -254,9 +254,9 @@ def find_tuned_config_files(spec: ModelSpec, device_name: str, search_dirs: Iter
 
 
 def export_paths(spec: ModelSpec, output_dir: str | os.PathLike, *, device_name: str,
-                 triton_version: str) -> dict[str, Path]:
-    """Where :func:`write_sglang` and :func:`write_vllm` would write, keyed "sglang", "sglang_down" (SGLang's
-    down-projection file) and "vllm".
+                 triton_version: str, down: bool = False) -> dict[str, Path]:
+    """Where :func:`write_sglang` and :func:`write_vllm` would write, keyed "sglang" and "vllm" (with ``down``
+    also "sglang_down", SGLang's down-projection file).
 
     Example:
         >>> spec = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
@@ -267,9 +267,11 @@ def export_paths(spec: ModelSpec, output_dir: str | os.PathLike, *, device_name:
         >>> paths["vllm"].as_posix()
         'out/E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json'
     """
-    return {"sglang": _sglang_path(spec, output_dir, device_name, triton_version, down=False),
-            "sglang_down": _sglang_path(spec, output_dir, device_name, triton_version, down=True),
-            "vllm": _vllm_path(spec, output_dir, device_name)}
+    paths = {"sglang": _sglang_path(spec, output_dir, device_name, triton_version, down=False),
+             "vllm": _vllm_path(spec, output_dir, device_name)}
+    if down:
+        paths["sglang_down"] = _sglang_path(spec, output_dir, device_name, triton_version, down=True)
+    return paths
 
 
 def triton_version_dir(triton_version: str) -> str:

@@ -6,19 +6,22 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import TuneError
-from ..space import Config
+from ..space import Config, ConfigPair
 from ..store.identity import StudyInfo, list_moe_studies
 from ..store.results import study_result
 from ..store.storage import open_storage
 from .engines import write_engine_files
 
 
-def best_config(storage, info: StudyInfo) -> tuple[Config, float] | None:
-    """The result of one study (store/results.py: re-measured medians, guard verdicts honoured), or None."""
+def study_export(storage, info: StudyInfo) -> tuple[Config, ConfigPair | None] | None:
+    """What one study exports (store/results.py: re-measured medians, guard verdicts honoured): its best single
+    config and, for a pair study, SGLang's pair; None without a result."""
     import optuna
 
-    best = study_result(optuna.load_study(study_name=info.name, storage=storage)).best
-    return (best.config, best.latency_us) if best is not None else None
+    result = study_result(optuna.load_study(study_name=info.name, storage=storage))
+    if result.best is None:
+        return None
+    return result.best.config, result.engine_pair[0] if info.attrs.get("pair") else None
 
 
 def export_storage(storage_url, output_dir) -> list[Path]:
@@ -40,10 +43,12 @@ def export_storage(storage_url, output_dir) -> list[Path]:
         if spec is None:
             print(f"moe-opt export: skipping {base}: its studies record no model spec (replay without a spec)")
             continue
-        configs = {info.M: found[0] for info in infos if (found := best_config(storage, info)) is not None}
-        if not configs:
+        found = {info.M: f for info in infos if (f := study_export(storage, info)) is not None}
+        if not found:
             continue
-        files, _ = write_engine_files(spec, configs, output_dir, device_name=infos[0].device_name,
-                                      triton_version=infos[0].triton_version)
-        written += [files["sglang"], files["vllm"]]
+        pairs = {M: pair for M, (_, pair) in found.items() if pair is not None}
+        files, _ = write_engine_files(spec, {M: c for M, (c, _) in found.items()}, output_dir,
+                                      device_name=infos[0].device_name, triton_version=infos[0].triton_version,
+                                      sglang_pairs=pairs or None)
+        written += list(files.values())
     return written

@@ -14,8 +14,16 @@ if not _torch.cuda.is_available():
 
 from .backend import SUPPORTED_ACTIVATIONS, BuiltinBackend, KernelBackend, get_backend  # noqa: E402
 from .fused_moe import fused_moe  # noqa: E402
-from .quant import (BLOCK_SIZE_K_CHOICES, QUANT_DTYPES, block_size_k_choices, operand_bytes, pack_int4,  # noqa: E402
-                    quantize_weight_fp8, quantize_weights, unpack_int4)
+from .quant import (  # noqa: E402
+    BLOCK_SIZE_K_CHOICES,
+    QUANT_DTYPES,
+    block_size_k_choices,
+    operand_bytes,
+    pack_int4,
+    quantize_weight_fp8,
+    quantize_weights,
+    unpack_int4,
+)
 from .reference import dequantize_weight, fused_moe_reference  # noqa: E402
 
 __all__ = ["BLOCK_SIZE_K_CHOICES", "BuiltinBackend", "KernelBackend", "QUANT_DTYPES", "SUPPORTED_ACTIVATIONS",

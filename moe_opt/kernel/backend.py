@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from .. import space
 from ..model.spec import ModelSpec
-from ..space import Config
+from ..space import Config, ConfigPair
 
 # Activations the builtin kernel implements. GPT-OSS's "swigluoai" resolves but is refused for tuning.
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -60,8 +60,12 @@ class KernelBackend(Protocol):
         """Weights once, activations and routing (a model.routing.RoutingSpec; None: uniform) per batch size, on
         ``device``."""
 
-    def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
-        """One timed fused-MoE call at batch size M with the ``routing_index``-th routing draw."""
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
+        """One timed fused-MoE call at batch size M with the ``routing_index``-th routing draw; a ConfigPair
+        runs each GEMM with its own config."""
+
+    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
+        """GEMM1's stage of that call alone (alignment, GEMM1, activation): a pair tune times it apart."""
 
     def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config, out: Any) -> Any:
         """The fused-MoE function on given activations and routing with ``inputs``' weights (the guard's call)."""
@@ -108,13 +112,19 @@ class BuiltinBackend:
 
         return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing)
 
-    def call(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
         return inputs.call(config, M, routing_index)
 
-    def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config, out: Any) -> Any:
+    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
+        return inputs.call(config, M, routing_index, up_only=True)
+
+    def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config | ConfigPair,
+                out: Any) -> Any:
         from .fused_moe import fused_moe
 
-        return fused_moe(x, inputs.w1, inputs.w2, topk_weights, topk_ids, config, out=out, **inputs.kwargs)
+        up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
+        return fused_moe(x, inputs.w1, inputs.w2, topk_weights, topk_ids, up, config_down=down, out=out,
+                         **inputs.kwargs)
 
 
 BACKENDS: dict[str, type] = {"builtin": BuiltinBackend}

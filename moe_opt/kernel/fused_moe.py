@@ -172,7 +172,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
               w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
               w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, config_down: Config | Mapping[str, int] | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, up_only: bool = False) -> torch.Tensor:
     """Fused Mixture-of-Experts layer: ``sum_k w_k * (act(x @ w1[e_k].T) @ w2[e_k].T)`` for each token.
 
     Args:
@@ -202,9 +202,11 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         a1_scale, a2_scale: static per-tensor activation scales (1 element) for per-tensor fp8/int8; computed
             dynamically from the data when None. Ignored for block-wise fp8 (always per token group).
         out: optional (M, K) output tensor.
+        up_only: stop after GEMM1's stage (alignment, GEMM1, activation) and return GEMM2's input: how a pair
+            tune times GEMM1's stage alone (measure/cuda_graph.py); GEMM2's is the rest of the call.
 
     Returns:
-        (M, K) tensor in x's dtype.
+        (M, K) tensor in x's dtype (with ``up_only``: GEMM2's (M*topk, N) input).
 
     Example:
         >>> import torch, moe_opt
@@ -271,6 +273,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         a2, a2s = act.swiglu_quant_token(h, swiglu_limit, qdtype)
     else:
         a2, a2s = act.swiglu(h, swiglu_limit), None
+    if up_only:
+        return a2
 
     # GEMM2: (M*topk, N) x (E, K, N) -> (M*topk, K), times the routed weight of each slot.
     y = torch.empty(M * topk, K, dtype=dtype, device=x.device)

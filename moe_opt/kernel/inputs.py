@@ -8,7 +8,7 @@ import torch
 
 from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
-from ..space import Config
+from ..space import Config, ConfigPair
 from .fused_moe import fused_moe
 from .reference import quantize_weight_fp8
 
@@ -61,9 +61,13 @@ class MoeInputs:
         _, routing, _ = self.for_batch(M)
         return statistics.mean(len(torch.unique(ids)) for _, ids in routing)
 
-    def call(self, config: Config, M: int, routing_index: int = 0) -> torch.Tensor:
+    def call(self, config: Config | ConfigPair, M: int, routing_index: int = 0, *, up_only: bool = False) -> torch.Tensor:
+        """One fused-MoE call at batch size M with the ``routing_index``-th routing draw; a ConfigPair runs each
+        GEMM with its own config; ``up_only`` stops after GEMM1's stage."""
         x, routing, out = self.for_batch(M)
         weights, ids = routing[routing_index % len(routing)]
-        return fused_moe(x, self.w1, self.w2, weights, ids, config, out=out, **self.kwargs)
+        up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
+        return fused_moe(x, self.w1, self.w2, weights, ids, up, config_down=down, out=out, up_only=up_only,
+                         **self.kwargs)
 
 

@@ -11,8 +11,18 @@ from typing import Sequence
 
 import torch
 
-from .quant import (FP8_DTYPE, FP8_MAX, INT4_ZERO_POINT, INT8_MAX, SCALE_EPS, UINT8_ZERO_POINT, group_size_of,
-                    quantize_weight_fp8, resolve_quant_dtype, unpack_int4)
+from .quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    INT4_ZERO_POINT,
+    INT8_MAX,
+    SCALE_EPS,
+    UINT8_ZERO_POINT,
+    group_size_of,
+    quantize_weight_fp8,
+    resolve_quant_dtype,
+    unpack_int4,
+)
 
 __all__ = ["fused_moe_reference", "dequantize_weight", "swiglu_reference", "quant_group_reference",
            "quant_tensor_reference", "quantize_weight_fp8"]  # quantize_weight_fp8 lived here; quant.py now

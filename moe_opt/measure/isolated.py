@@ -268,7 +268,8 @@ class IsolatedMeasurer:
 
 
 def isolated_cuda_graph_timer(spec, device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                              backend: str = "builtin", routing: Any = None) -> IsolatedMeasurer:
+                              backend: str = "builtin", routing: Any = None,
+                              split_stages: bool = False) -> IsolatedMeasurer:
     """The GPU path's default measurer: a CudaGraphTimer in an isolated process, started by the first
     measurement (so a tune that stops on bad input, or whose workers do the measuring, never starts it)."""
     from functools import partial
@@ -277,5 +278,6 @@ def isolated_cuda_graph_timer(spec, device: str | None, timeout_s: float = DEFAU
 
     info = cuda_graph_info(device or "cuda")
     info = dataclasses.replace(info, description=f"{info.description}, in an isolated process")
-    return IsolatedMeasurer(partial(CudaGraphTimer, spec, device or "cuda", backend=backend, routing=routing),
-                            timeout_s, info=info)
+    factory = partial(CudaGraphTimer, spec, device or "cuda", backend=backend, routing=routing,
+                      split_stages=split_stages)
+    return IsolatedMeasurer(factory, timeout_s, info=info)

@@ -91,3 +91,43 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
             out[M] = medians
             studies[M].set_user_attr(CONFIRMED_ATTR, {str(n): us for c, us in medians.items() for n in numbers[M][c]})
     return out
+
+
+def confirm_pairs(studies: dict[int, optuna.Study], measurer: Any, *, rounds: int = CONFIRM_ROUNDS) -> dict[int, dict]:
+    """Time each batch size's best config pair (one config per GEMM, from the stage times) on the whole fused-MoE
+    call, interleaved with the best single config, ``rounds`` times; store and return {M: {"up": trial,
+    "down": trial, "us": pair median, "single_us": single median}}. The pair is exported for SGLang only where it
+    was faster in this pass (store/results.py, StudyResult.engine_pair).
+
+    Example:
+        >>> confirm_pairs(studies, measurer)  # after confirm(); the session does this  # doctest: +SKIP
+        {64: {'up': 12, 'down': 30, 'us': 187.2, 'single_us': 193.1}, ...}
+    """
+    from ..space import ConfigPair
+    from ..store.results import CONFIRMED_PAIR_ATTR, study_result
+
+    queue = MeasureQueue(measurer)
+    plan = {}
+    for M, study in studies.items():
+        result = study_result(study)
+        pair, best = result.pair, result.best
+        if pair is None or best is None or pair.up == pair.down == best.config:
+            continue
+        plan[M] = (pair, ConfigPair(pair.up, pair.down), best.config)
+    fresh: dict[tuple[int, str], list[float]] = {}
+    for _ in range(rounds):
+        order = [(M, kind, c) for M, (_, both, single) in plan.items() for kind, c in (("pair", both), ("single", single))]
+        for M, _, c in order:
+            queue.submit(c, M)
+        for M, kind, _ in order:
+            m = queue.collect()
+            if m.ok:
+                fresh.setdefault((M, kind), []).append(m.latency_us)
+    out = {}
+    for M, (pair, _, _) in plan.items():
+        runs, single = fresh.get((M, "pair"), []), fresh.get((M, "single"), [])
+        if len(runs) == rounds and len(single) == rounds:
+            out[M] = {"up": pair.up_trial, "down": pair.down_trial, "us": statistics.median(runs),
+                      "single_us": statistics.median(single)}
+            studies[M].set_user_attr(CONFIRMED_PAIR_ATTR, out[M])
+    return out

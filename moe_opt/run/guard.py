@@ -168,6 +168,7 @@ def guard_study(study: Any, guard: Guard, max_checks: int = MAX_CHECKS_PER_M) ->
             stored[str(best.trial_number)] = verdict
             study.set_user_attr(GUARD_ATTR, stored)
         if verdict.startswith("passed"):
+            _guard_pair(study, guard)
             return verdict, excluded
         excluded.append(f"trial {best.trial_number} {best.config}: {verdict}")
     if study_result(study).best is None and not excluded:
@@ -176,6 +177,21 @@ def guard_study(study: Any, guard: Guard, max_checks: int = MAX_CHECKS_PER_M) ->
                "size")
     study.set_user_attr(GUARD_GAVE_UP_ATTR, gave_up)
     return gave_up, excluded
+
+
+def _guard_pair(study: Any, guard: Guard) -> None:
+    """Check the study's confirmed config pair (one config per GEMM) as it would be exported for SGLang; a pair
+    that fails is not exported (store/results.py: the best single config is, for both GEMMs)."""
+    from ..space import ConfigPair
+
+    pair = study_result(study).pair
+    if pair is None or pair.confirmed_us is None or pair.guard is not None:
+        return
+    verdict = guard.check(ConfigPair(pair.up, pair.down))
+    if not verdict.startswith("skipped"):
+        stored = dict(study.user_attrs.get(GUARD_ATTR) or {})
+        stored[pair.guard_key] = verdict
+        study.set_user_attr(GUARD_ATTR, stored)
 
 
 def make_guard(spec: ModelSpec | None, measurer: Any, guard: bool | Callable[[Config], Any], *,

@@ -25,6 +25,9 @@ class TuneResult:
         spec: the (possibly scaled-down) spec that was tuned; None in replay mode without one.
         trials_used: {M: counted trials}.
         guard: {M: the correctness guard's outcome for the config in ``best``}.
+        pairs: {M: {"up": config dict, "down": config dict, "latency_us": us}} of a pair tune: what SGLang's up and
+            ``_down`` files hold (the tuned pair where its whole call was faster than ``best``, else ``best`` for
+            both GEMMs). Empty for a single-config tune; vLLM's file holds ``best``.
         excluded: {M: faster configs the guard excluded, with the reason}.
         notes: things the summary should say (kept entries of an older file, workers that failed, ...).
         timings: where the wall time went, in seconds: start_s (to the first trial: studies, warm start, the
@@ -50,6 +53,7 @@ class TuneResult:
     notes: list[str] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    pairs: dict[int, dict] = field(default_factory=dict)
 
     def speedup(self) -> dict[int, float]:
         """{M: default latency / tuned latency} where the default was measured."""

@@ -27,7 +27,7 @@ from ..kernel.backend import backend_key, get_backend
 from ..measure.base import MeasurerInfo, custom_info
 from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
-from ..space import Config
+from ..space import Config, ConfigPair
 from ..store.identity import StudyIdentity, default_storage
 from ..store.results import study_result
 from ..store.schema import is_counted
@@ -68,6 +68,7 @@ class TunePlan:
     confirm: bool = True
     kernel: str = "builtin"
     routing: Any = "uniform"  # a model.routing.RoutingSpec or its words: "uniform", "zipf1.2", "trace:PATH"
+    down_config: bool | None = None  # a config per GEMM (SGLang's _down file); None: where each GEMM can be timed
 
 
 @dataclass
@@ -114,6 +115,7 @@ class TuneSession:
         self.studies: dict[int, Any] = {}
         self.times = LoopTimes()
         self.interrupted = False
+        self.pair = False  # searching a config per GEMM (decided with the measurer)
         self.worker_errors: list[str] = []
         self._marks: dict[str, float] = {}
 
@@ -169,6 +171,9 @@ class TuneSession:
         elif self.measurer is None:
             self._open_own_measurer()
         self.info = custom_info(self.measurer)
+        if plan.down_config and not self.pair:
+            raise TuneError("down_config=True needs a measurer that times each GEMM on its own (the GPU's CUDA-graph "
+                            "timer or the interpreter); a replay table or a measurer of your own times whole calls")
         if self.pool is None and self.info.kind == "cuda_graph" and not self.parallel \
                 and not self.backend.specializes_on_m:
             self.pool = self._start_compile_pool()  # a CudaGraphTimer given as measurer=
@@ -189,8 +194,9 @@ class TuneSession:
 
             self.devices = worker_devices(plan.n_workers, plan.device)
         device = "cuda:0" if self.parallel else plan.device
+        self.pair = plan.down_config is not False
         self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.name,
-                                                  routing=self.routing)
+                                                  routing=self.routing, split_stages=self.pair)
         self._owned.append(self.measurer)
         if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
             self.measurer.start()
@@ -202,7 +208,8 @@ class TuneSession:
 
         plan = self.plan
         self.spec = interpreter_spec(self.spec)
-        self.measurer = InterpreterTimer(self.spec, backend=self.backend, routing=self.routing)
+        self.pair = plan.down_config is not False
+        self.measurer = InterpreterTimer(self.spec, backend=self.backend, routing=self.routing, split_stages=self.pair)
         if plan.batch_sizes is None:
             plan.batch_sizes = INTERPRETER_BATCH_SIZES
         if self.n_trials is None and plan.sampler != "grid":
@@ -247,7 +254,7 @@ class TuneSession:
         triton = meta.get("triton") if self.table is not None else None
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
                              table_name=Path(self.plan.replay).stem if self.table is not None else None,
-                             routing=self.routing.key())
+                             routing=self.routing.key(), pair=self.pair)
 
     def _open_studies(self) -> None:
         import optuna
@@ -272,7 +279,8 @@ class TuneSession:
             self.storage = store  # lives as long as this process: the result and its readers get the object
         ident = self.identity()
         self.coord = Coordinator(store, self.storage, ident.base, device=plan.device)
-        self.strategy = make_strategy(plan.sampler, SearchState(self.space.candidates), self.space.choices, plan.seed)
+        self.strategy = make_strategy(plan.sampler, SearchState(self.space.candidates), self.space.choices, plan.seed,
+                                      pair=self.pair)
         meta = self.table.metadata() if self.table is not None else {}
         for M in self.batch_sizes:
             name = ident.name(M)
@@ -387,12 +395,17 @@ class TuneSession:
 
     def _confirm(self) -> None:
         """Re-measure the close contenders and the defaults (confirm.py); the default's fresh median becomes its
-        latency, so each speedup compares two measurements of the same pass."""
+        latency, so each speedup compares two measurements of the same pass. A pair tune then times each batch
+        size's best pair on the whole call against the best single config (confirm_pairs)."""
         from .confirm import confirm
 
         for M, medians in confirm(self.studies, self.measurer, self.space.defaults).items():
             if self.space.defaults[M] in medians:
                 self.studies[M].set_user_attr("default_latency_us", medians[self.space.defaults[M]])
+        if self.pair:
+            from .confirm import confirm_pairs
+
+            confirm_pairs(self.studies, self.measurer)
 
     def _result(self, guard: Any, skipped: str) -> TuneResult:
         """The guard's checks, then each study's result as the one ranking says."""
@@ -415,6 +428,9 @@ class TuneSession:
                 result.best[M] = ranked.best.config.to_dict()
                 result.latency_us[M] = ranked.best.latency_us
                 result.guard[M] = outcome if guard is not None else skipped
+                if self.pair:
+                    pair, us = ranked.engine_pair
+                    result.pairs[M] = {"up": pair.up.to_dict(), "down": pair.down.to_dict(), "latency_us": us}
             elif guard is not None and ranked.gave_up:
                 result.guard[M] = ranked.gave_up
                 result.notes.append(f"M={M}: {ranked.gave_up}")
@@ -427,9 +443,11 @@ class TuneSession:
         from ..export.engines import write_engine_files
 
         configs = {M: Config.from_dict(c) for M, c in result.best.items()}
+        pairs = {M: ConfigPair(Config.from_dict(p["up"]), Config.from_dict(p["down"])) for M, p in result.pairs.items()}
         result.files, kept = write_engine_files(self.spec, configs, self.plan.output_dir,
                                                 device_name=self.info.device_name,
-                                                triton_version=self.identity().triton_version)
+                                                triton_version=self.identity().triton_version,
+                                                sglang_pairs=pairs or None)
         if kept:
             result.notes.append(f"kept M={','.join(map(str, kept))} from the existing "
                                 f"{result.files['sglang'].name} (no result for them in this run)")

@@ -21,7 +21,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
          measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
-         kernel: str = "builtin", routing: Any = "uniform") -> TuneResult:
+         kernel: str = "builtin", routing: Any = "uniform", down_config: bool | None = None) -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     One Optuna study per batch size is searched (moe_opt's search by default), every trial claimed so that any
@@ -65,6 +65,11 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         routing: the routing of the timed calls (docs/routing.md): "uniform" (default: a real top-k over random
             logits), "zipf<s>" (expert popularity 1/rank^s, e.g. "zipf1.2"), "trace:PATH" (slices of a recorded
             trace: SGLang's topk_ids dumps, .pt or .npy), or a model.routing.RoutingSpec. Part of the study identity.
+        down_config: tune a config per GEMM for SGLang (its ``<name>_down.json`` beside the up file; both share
+            BLOCK_SIZE_M): each trial times GEMM1's stage apart, the search takes turns on the whole call's time and
+            each GEMM's, and the best pair is timed on the whole call against the best single config. None (default):
+            on where the measurer times each GEMM (the GPU, the interpreter), off for replay tables; False: one
+            config for both GEMMs. vLLM's file always holds the best single config (vLLM reads no down file).
 
     Returns:
         TuneResult.
@@ -88,7 +93,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                     tuned_config_dirs=list(tuned_config_dirs), device=device, replay=replay, measurer=measurer,
                     compile_workers=compile_workers, progress=progress, n_workers=n_workers, guard=guard,
                     measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel,
-                    routing=routing)
+                    routing=routing, down_config=down_config)
     with TuneSession(plan) as session:
         session.prepare()
         session.search()

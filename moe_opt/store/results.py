@@ -20,7 +20,8 @@ GUARD_GAVE_UP_ATTR = "guard_gave_up"  # the guard rejected the fastest few: this
 # Trial user attributes of a study tuned for a config pair: each GEMM stage's time in the measured call (GEMM1 with
 # the alignment and the activation; GEMM2 with the sum over topk), in µs.
 UP_ATTR, DOWN_ATTR = "up_us", "down_us"
-CONFIRMED_PAIR_ATTR = "confirmed_pair"  # {"up": trial, "down": trial, "us": median of the pair's whole call}
+# {"up": trial, "down": trial, "us": the pair's whole call, "single_us": the best single config's, same pass}
+CONFIRMED_PAIR_ATTR = "confirmed_pair"
 CONFIRMED_ATTR = "confirmed"  # {trial number: re-measured median latency_us}
 
 
@@ -70,7 +71,8 @@ class StudyResult:
         if self.best is None:
             return None
         pair = self.pair
-        if pair is not None and pair.confirmed_us is not None and pair.confirmed_us < self.best.latency_us:
+        if pair is not None and pair.confirmed_us is not None and pair.confirmed_us < pair.confirmed_single_us \
+                and (pair.guard is None or pair.guard.startswith("passed")):
             return ConfigPair(pair.up, pair.down), pair.confirmed_us
         return ConfigPair(self.best.config, self.best.config), self.best.latency_us
 
@@ -88,20 +90,35 @@ class PairResult:
 
     Attributes:
         up, down: GEMM1's config (fastest by its stage time) and GEMM2's (fastest by its), sharing BLOCK_SIZE_M.
+        up_trial, down_trial: the trials that timed them.
         estimated_us: the sum of the two stage times, each from its own trial.
-        confirmed_us: the pair's whole fused-MoE call, timed (run/confirm.py), or None.
+        confirmed_us, confirmed_single_us: the pair's whole fused-MoE call and the best single config's, timed
+            interleaved in one pass (run/confirm.py), or None.
     """
 
     up: Config
     down: Config
+    up_trial: int
+    down_trial: int
     estimated_us: float
     confirmed_us: float | None = None
+    confirmed_single_us: float | None = None
+    guard: str | None = None
+
+    @property
+    def guard_key(self) -> str:
+        """The pair's key in the study's ``guard`` attribute."""
+        return pair_guard_key(self.up_trial, self.down_trial)
+
+
+def pair_guard_key(up_trial: int, down_trial: int) -> str:
+    return f"pair:{up_trial}:{down_trial}"
 
 
 def best_pair(complete: list, rejected: dict[Config, str], attrs: dict[str, Any]) -> PairResult | None:
     """The pair of configs, one per GEMM, with the least summed stage time under one BLOCK_SIZE_M; None when
-    the trials have no stage times (a single-config study, a replay table). The confirmed pair, if any, wins."""
-    stages: dict[int, dict[str, tuple[float, Config]]] = {}
+    the trials have no stage times (a single-config study, a replay table)."""
+    stages: dict[int, dict[str, tuple[float, Config, int]]] = {}
     for t, c in complete:
         if c in rejected or UP_ATTR not in t.user_attrs or DOWN_ATTR not in t.user_attrs:
             continue
@@ -109,18 +126,17 @@ def best_pair(complete: list, rejected: dict[Config, str], attrs: dict[str, Any]
         for stage, key in (("up", UP_ATTR), ("down", DOWN_ATTR)):
             us = float(t.user_attrs[key])
             if math.isfinite(us) and (stage not in best_m or us < best_m[stage][0]):
-                best_m[stage] = (us, c)
-    sums = [(m["up"][0] + m["down"][0], m["up"][1], m["down"][1]) for m in stages.values() if len(m) == 2]
+                best_m[stage] = (us, c, t.number)
+    sums = [(m["up"][0] + m["down"][0], m["up"], m["down"]) for m in stages.values() if len(m) == 2]
     if not sums:
         return None
-    estimated, up, down = min(sums)
-    confirmed = attrs.get(CONFIRMED_PAIR_ATTR)
-    if confirmed:
-        by_number = {t.number: c for t, c in complete}
-        up_c, down_c = by_number.get(int(confirmed["up"])), by_number.get(int(confirmed["down"]))
-        if up_c is not None and down_c is not None and up_c not in rejected and down_c not in rejected:
-            return PairResult(up_c, down_c, estimated, float(confirmed["us"]))
-    return PairResult(up, down, estimated)
+    estimated, (_, up, up_trial), (_, down, down_trial) = min(sums, key=lambda s: s[0])
+    verdict = (attrs.get(GUARD_ATTR) or {}).get(pair_guard_key(up_trial, down_trial))
+    confirmed = attrs.get(CONFIRMED_PAIR_ATTR) or {}
+    if confirmed.get("up") == up_trial and confirmed.get("down") == down_trial:
+        return PairResult(up, down, up_trial, down_trial, estimated, float(confirmed["us"]),
+                          float(confirmed["single_us"]), verdict)
+    return PairResult(up, down, up_trial, down_trial, estimated, guard=verdict)
 
 
 def latency_of(trial: Any, confirmed: dict[str, float]) -> float:
@@ -147,7 +163,7 @@ def result_of(trials: list, attrs: dict[str, Any], M: int | None = None) -> Stud
     by_number = {t.number: c for t, c in complete}
     guard: dict[Config, str] = {}
     for number, outcome in (attrs.get(GUARD_ATTR) or {}).items():
-        config = by_number.get(int(number))
+        config = by_number.get(int(number)) if str(number).isdigit() else None
         if config is not None:
             guard[config] = str(outcome)
     rejected = {c: o for c, o in guard.items() if o.startswith("failed")}

@@ -1,0 +1,120 @@
+"""A config per GEMM (SGLang's up file and its ``_down`` file): tuned together, sharing BLOCK_SIZE_M, exported as
+SGLang reads them. The tunes run through Triton's CPU interpreter, with its stage timings; the ranking and the
+export are checked on studies built from real trials."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+import moe_opt
+from moe_opt import Config, space
+from moe_opt.errors import TuneError
+from moe_opt.export.engines import export_paths, load_tuned_configs, write_engine_files
+from moe_opt.space import ConfigPair
+from moe_opt.store.results import CONFIRMED_PAIR_ATTR, GUARD_ATTR, pair_guard_key, result_of
+
+SPEC = moe_opt.ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=128)
+FP8 = moe_opt.ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
+                                   dtype="fp8_w8a8", block_shape=[128, 128], tp_size=8)
+
+
+def test_an_interpreter_tune_writes_the_down_file_beside_the_up_file_sharing_block_size_m(tmp_path):
+    out = tmp_path / "configs"
+    r = moe_opt.tune(spec=SPEC, batch_sizes=[1, 8], n_trials=6, storage=f"sqlite:///{tmp_path}/p.db",
+                     output_dir=out, progress=False)
+    assert r.study_names[8].endswith("|pair|M=8")
+    paths = export_paths(r.spec, out, device_name="cpu-interpreter", down=True,
+                         triton_version=r.files["sglang"].parent.name[len("triton_"):].replace("_", "."))
+    assert r.files["sglang_down"] == paths["sglang_down"] and paths["sglang_down"].is_file()
+    assert paths["sglang_down"].name == paths["sglang"].name[:-len(".json")] + "_down.json"
+    up, down = load_tuned_configs(paths["sglang"]), load_tuned_configs(paths["sglang_down"])
+    assert sorted(up) == sorted(down) == [1, 8]
+    assert all(up[M].BLOCK_SIZE_M == down[M].BLOCK_SIZE_M for M in up)
+    assert {M: Config.from_dict(p["up"]) for M, p in r.pairs.items()} == up
+    assert load_tuned_configs(r.files["vllm"]) == {M: Config.from_dict(c) for M, c in r.best.items()}
+    study = optuna.load_study(study_name=r.study_names[8], storage=f"sqlite:///{tmp_path}/p.db")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert complete and all(0 < t.user_attrs["up_us"] < t.value and t.user_attrs["down_us"] > 0 for t in complete)
+    assert r.trials_used[8] == 6  # one trial gives both GEMMs' times: the budget does not double
+
+
+def test_the_down_config_can_be_turned_off_and_is_a_study_of_its_own(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    kwargs = dict(spec=SPEC, batch_sizes=[8], n_trials=2, storage=storage, output_dir=tmp_path / "o", progress=False)
+    single = moe_opt.tune(down_config=False, **kwargs)
+    pair = moe_opt.tune(**kwargs)
+    assert "|pair" not in single.study_names[8] and single.study_names[8] != pair.study_names[8]
+    assert "sglang_down" not in single.files and not single.pairs
+    assert pair.trials_used[8] == 2  # nothing resumed from the single-config study
+
+
+def test_a_replay_table_cannot_tune_a_pair(tmp_path):
+    table = moe_opt.__path__[0] + "/data/DeepSeek-V4-Flash_tp8_H200.csv"
+    r = moe_opt.tune(replay=table, batch_sizes=[64], n_trials=2, storage=f"sqlite:///{tmp_path}/r.db",
+                     output_dir=tmp_path / "o", progress=False)
+    assert "sglang_down" not in r.files and "|pair" not in r.study_names[64]  # whole calls only: one config
+    with pytest.raises(TuneError, match="down_config=True needs a measurer that times each GEMM on its own"):
+        moe_opt.tune(replay=table, batch_sizes=[64], n_trials=2, storage=f"sqlite:///{tmp_path}/r.db",
+                     output_dir=None, progress=False, down_config=True)
+
+
+def test_file_names_are_the_ones_sglang_ships():
+    # Shipped in sglang 0.5.23 under srt/layers/moe/moe_runner/triton_utils/configs/triton_3_4_0 and triton_3_5_1.
+    assert FP8.replace(num_experts=257, topk=9).config_file_name("NVIDIA H20", down=True) == \
+        "E=257,N=256,device_name=NVIDIA_H20,dtype=fp8_w8a8,block_shape=[128, 128]_down.json"
+    qwen = moe_opt.ModelSpec.from_shape(num_experts=128, topk=8, hidden_size=2048, intermediate_size=1024,
+                                        dtype="fp8_w8a8", block_shape=None)
+    assert qwen.config_file_name("NVIDIA H100 80GB HBM3", down=True) == \
+        "E=128,N=1024,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8_down.json"
+
+
+def _study(trials: list[tuple[Config, float, float, float]]) -> optuna.Study:
+    """A study of completed trials (config, whole call µs, up_us, down_us), as a pair tune records them."""
+    study = optuna.create_study()
+    dist = {p: optuna.distributions.CategoricalDistribution(list(c)) for p, c in space.iter_choices()}
+    for config, us, up, down in trials:
+        study.add_trial(optuna.trial.create_trial(params=config.to_dict(), distributions=dist, value=us,
+                                                  user_attrs={"up_us": up, "down_us": down}))
+    study.set_user_attr("M", 64)
+    return study
+
+
+A = Config(16, 64, 128, 32, 4, 3)   # best single: 100 = 60 + 40
+B = Config(16, 128, 128, 16, 4, 4)  # faster GEMM2: 105 = 70 + 35
+C = Config(32, 64, 128, 32, 4, 3)   # another BLOCK_SIZE_M: its stages never pair with A's or B's
+D = Config(32, 128, 128, 1, 8, 3)
+
+
+def test_the_pair_takes_each_gemms_best_under_one_block_size_m():
+    study = _study([(A, 100.0, 60.0, 40.0), (B, 105.0, 70.0, 35.0), (C, 101.0, 50.0, 51.0), (D, 120.0, 90.0, 30.0)])
+    pair = result_of(study.get_trials(), study.user_attrs).pair
+    # M16: 60 + 35 = 95; M32: 50 + 30 = 80 would mix... both of BLOCK_SIZE_M 32: C up, D down.
+    assert (pair.up, pair.down, pair.estimated_us) == (C, D, 80.0)
+    assert ConfigPair(pair.up, pair.down).up.BLOCK_SIZE_M == 32
+
+
+def test_a_pair_is_exported_only_where_its_whole_call_was_timed_faster_and_passed_the_guard():
+    study = _study([(A, 100.0, 60.0, 40.0), (B, 105.0, 70.0, 35.0)])
+    trials = study.get_trials()
+    unconfirmed = result_of(trials, study.user_attrs).engine_pair
+    assert unconfirmed == (ConfigPair(A, A), 100.0)  # estimated only: the best single config for both GEMMs
+    faster = {CONFIRMED_PAIR_ATTR: {"up": 0, "down": 1, "us": 96.0, "single_us": 100.5}, "M": 64}
+    assert result_of(trials, faster).engine_pair == (ConfigPair(A, B), 96.0)
+    slower = {CONFIRMED_PAIR_ATTR: {"up": 0, "down": 1, "us": 101.0, "single_us": 100.5}, "M": 64}
+    assert result_of(trials, slower).engine_pair[0] == ConfigPair(A, A)
+    rejected = dict(faster, **{GUARD_ATTR: {pair_guard_key(0, 1): "failed: error 0.3 > 0.06"}})
+    assert result_of(trials, rejected).engine_pair[0] == ConfigPair(A, A)
+
+
+def test_pairs_merge_into_existing_up_and_down_files(tmp_path):
+    kw = dict(device_name="NVIDIA H200", triton_version="3.6.0")
+    write_engine_files(FP8, {1: A}, tmp_path, sglang_pairs={1: ConfigPair(A, B)}, **kw)
+    files, kept = write_engine_files(FP8, {64: C}, tmp_path, sglang_pairs={64: ConfigPair(C, D)}, **kw)
+    assert kept == [1]
+    assert load_tuned_configs(files["sglang"]) == {1: A, 64: C}
+    assert load_tuned_configs(files["sglang_down"]) == {1: B, 64: D}
+    assert load_tuned_configs(files["vllm"]) == {1: A, 64: C}
+    assert list(json.loads(files["sglang_down"].read_text())) == ["1", "64"]  # batch sizes only, as SGLang parses
