@@ -30,6 +30,10 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=8)
     p.add_argument("--json", required=True, help="where the record goes")
     p.add_argument("--workdir", default=None, help="studies, config files and Triton cache (default: a new temp dir)")
+    p.add_argument("--down-config", choices=["auto", "on", "off"], default="auto",
+                   help="tune a config per GEMM (tune()'s down_config; auto: the default)")
+    p.add_argument("--routing", default="uniform", help="tune()'s routing: uniform, zipf<s>, trace:PATH")
+    p.add_argument("--dtype", default=None, help="tune()'s dtype (default: the model's)")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
     cache = work / "triton_cache"
@@ -47,7 +51,9 @@ def main() -> int:
     from moe_opt.store.results import study_result
     from moe_opt.store.storage import open_storage
 
-    result = moe_opt.tune(model=args.model, tp_size=args.tp)
+    down_config = {"auto": None, "on": True, "off": False}[args.down_config]
+    result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
+                          routing=args.routing)
     wall_s = time.time() - STARTED
 
     import optuna
@@ -73,6 +79,7 @@ def main() -> int:
         "timings": {k: round(v, 2) for k, v in result.timings.items()},
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
+        "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
