@@ -151,14 +151,64 @@ def fits_shared_memory(config: Config, a_bytes: int, b_bytes: int,
     return shared_memory_bytes(config, a_bytes, b_bytes) <= limit_bytes
 
 
+# Bytes per element of the A (activation) and B (weight) tiles each format's GEMM stages in shared memory
+# (SGLang's fused_moe_kernel / fused_moe_kernel_gptq_awq): w8a8 quantizes the activations to 8 bits before the dot;
+# w8a16 keeps them 16-bit and loads int8 (uint8 with groups) weights; int4 loads two weights per byte and
+# dequantizes in registers, after shared memory. Group scales and zero points are loaded per tile too; they are
+# left out, so the estimate stays a lower bound.
+OPERAND_BYTES: dict[str | None, tuple[float, float]] = {
+    None: (2, 2),
+    "fp8_w8a8": (1, 1),
+    "int8_w8a8": (1, 1),
+    "int8_w8a16": (2, 1),
+    "int4_w4a16": (2, 0.5),
+}
+
+# BLOCK_SIZE_K of group-quantized weights before the group rule: SGLang's grid (64, 128, 256) plus 32, the
+# BLOCK_SIZE_K of SGLang's own default for these formats (get_default_config, M > E). SGLang's tuner keeps only
+# BLOCK_SIZE_K dividing the group size (tuning_fused_moe_triton.py: ``block_k % config["BLOCK_SIZE_K"] == 0`` with
+# block_k = block_shape[1]), which leaves nothing of its grid for group size 32.
+GROUP_BLOCK_SIZE_K_CHOICES = (32, 64, 128, 256)
+
+
 def operand_bytes(dtype: str | None) -> tuple[float, float]:
     """Bytes per element of the GEMMs' A (activations) and B (weights) operands for a quantization string.
 
     Example:
-        >>> operand_bytes("fp8_w8a8"), operand_bytes(None)
-        ((1, 1), (2, 2))
+        >>> operand_bytes("fp8_w8a8"), operand_bytes(None), operand_bytes("int8_w8a16"), operand_bytes("int4_w4a16")
+        ((1, 1), (2, 2), (2, 1), (2, 0.5))
     """
-    return (1, 1) if dtype == "fp8_w8a8" else (2, 2)
+    if dtype not in OPERAND_BYTES:
+        raise ValueError(f"unknown quantization dtype {dtype!r}; accepted: None, "
+                         f"{', '.join(k for k in OPERAND_BYTES if k)}")
+    return OPERAND_BYTES[dtype]
+
+
+def block_size_k_choices(dtype: str | None, block_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The BLOCK_SIZE_K values a weight format allows.
+
+    Block-quantized w8a8 (block_shape [block_n, block_k]) and group-quantized int4_w4a16/int8_w8a16
+    (block_shape [0, group_size]) keep the BLOCK_SIZE_K that divide block_k or the group size, SGLang's tuner rule
+    for any block_shape, so each K step reads one scale (one group) per row. Group-quantized formats also get 32
+    (GROUP_BLOCK_SIZE_K_CHOICES). vLLM's int4 tuner (benchmarks/kernels/tune_moe_wna16_triton.py) keeps the
+    opposite, BLOCK_SIZE_K a multiple of the group size, for its CUDA moe_wna16 kernel; the Triton kernel both
+    engines share (fused_moe_kernel_gptq_awq) indexes a scale per element and runs either.
+
+    Example:
+        >>> block_size_k_choices(None), block_size_k_choices("fp8_w8a8", [128, 128])
+        ((64, 128, 256), (64, 128))
+        >>> block_size_k_choices("int4_w4a16", [0, 128]), block_size_k_choices("int4_w4a16", [0, 32])
+        ((32, 64, 128), (32,))
+    """
+    group = dtype in ("int8_w8a16", "int4_w4a16") and block_shape is not None and block_shape[0] == 0
+    ks = GROUP_BLOCK_SIZE_K_CHOICES if group else BLOCK_SIZE_K_CHOICES
+    block_k = block_k_of(block_shape)
+    return tuple(k for k in ks if not block_k or block_k % k == 0)
+
+
+def _grid(ks: Sequence[int]) -> list[Config]:
+    return [Config(*p) for p in itertools.product(
+        BLOCK_SIZE_M_CHOICES, BLOCK_SIZE_N_CHOICES, ks, GROUP_SIZE_M_CHOICES, NUM_WARPS_CHOICES, NUM_STAGES_CHOICES)]
 
 
 def block_k_of(block_shape: Sequence[int] | None) -> int | None:
@@ -168,18 +218,62 @@ def block_k_of(block_shape: Sequence[int] | None) -> int | None:
 
 def candidates(dtype: str | None, block_shape: Sequence[int] | None,
                shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> list[Config]:
-    """The configs worth proposing: the grid under block quantization's BLOCK_SIZE_K rule, without those whose
-    tiles cannot fit the device's shared memory."""
+    """The configs worth proposing: the grid under the format's BLOCK_SIZE_K rule (block_size_k_choices), without
+    those whose tiles cannot fit the device's shared memory (operand_bytes).
+
+    Example:
+        >>> len(candidates(None, None)), len(candidates("int4_w4a16", [0, 128]))
+        (1248, 1840)
+    """
     a_bytes, b_bytes = operand_bytes(dtype)
-    return [c for c in grid(block_k_of(block_shape)) if fits_shared_memory(c, a_bytes, b_bytes, shared_memory_bytes)]
+    return [c for c in _grid(block_size_k_choices(dtype, block_shape))
+            if fits_shared_memory(c, a_bytes, b_bytes, shared_memory_bytes)]
+
+
+def grid_for(spec) -> list[Config]:
+    """Every config of the space for a ModelSpec's weight format, fitting or not (the exhaustive baseline).
+
+    Example:
+        >>> from moe_opt.model.spec import ModelSpec
+        >>> s = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336,
+        ...                          dtype="int4_w4a16", group_size=64)
+        >>> sorted({c.BLOCK_SIZE_K for c in grid_for(s)})
+        [32, 64]
+    """
+    return _grid(block_size_k_choices(spec.dtype, spec.block_shape))
+
+
+def choices_for(spec) -> dict[str, Sequence[int]]:
+    """Allowed values of each tunable for a ModelSpec's weight format (the trials' distributions)."""
+    ks = block_size_k_choices(spec.dtype, spec.block_shape)
+    return {name: ks if name == "BLOCK_SIZE_K" else values for name, values in iter_choices()}
+
+
+def candidates_for(spec, shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> list[Config]:
+    """candidates() for a ModelSpec: its dtype and block_shape (or group size)."""
+    return candidates(spec.dtype, spec.block_shape, shared_memory_bytes)
+
+
+def default_config_for(spec, M: int) -> Config:
+    """default_config() for a ModelSpec at batch size M."""
+    return default_config(M, spec.E, spec.dtype, spec.block_shape)
 
 
 def default_config(M: int, E: int, dtype: str | None, block_shape: Sequence[int] | None = None) -> Config:
-    """SGLang's fallback config when no tuned file exists (fused_moe_triton_config.py, get_default_config).
+    """SGLang's fallback config when no tuned file exists (moe_runner/triton_utils/fused_moe_triton_config.py,
+    get_default_config).
+
+    Only fp8_w8a8 has configs of its own there (per-tensor and per-channel alike, per block shape); int8_w8a8,
+    int8_w8a16 and int4_w4a16 take the unquantized ones, whatever their block_shape or group size. (vLLM's default
+    for group-quantized int4/int8 differs: it sets BLOCK_SIZE_M only and lets get_moe_wna16_block_config pick N and
+    K.) With group size 32 the M <= E default's BLOCK_SIZE_K 64 spans two groups; SGLang's gptq/awq kernel indexes
+    scales per element and runs it.
 
     Example:
         >>> str(default_config(64, 256, "fp8_w8a8", [128, 128]))
         'M64 N128 K128 G32 w4 s3'
+        >>> str(default_config(1, 8, "int4_w4a16", [0, 128])), str(default_config(64, 8, "int8_w8a8"))
+        ('M16 N32 K64 G1 w4 s3', 'M64 N64 K32 G8 w4 s3')
     """
     if dtype == "fp8_w8a8":
         if block_shape is None:

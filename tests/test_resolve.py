@@ -194,13 +194,14 @@ def test_per_tensor_fp8_checkpoint_has_no_block_shape(tmp_path):
 
 
 def test_unsupported_checkpoint_quantization_needs_an_explicit_dtype(tmp_path):
-    int4 = {"quant_method": "compressed-tensors",
-            "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int", "group_size": 32}}}}
-    path = write_config(tmp_path, bundled("moonshotai/Kimi-K2-Instruct") | {"quantization_config": int4})
-    with pytest.raises(SpecError, match="quantization 'int4' is not supported; pass dtype='fp8_w8a8'"):
+    int2 = {"quant_method": "compressed-tensors",
+            "config_groups": {"group_0": {"weights": {"num_bits": 2, "type": "int", "group_size": 32}}}}
+    path = write_config(tmp_path, bundled("moonshotai/Kimi-K2-Instruct") | {"quantization_config": int2})
+    with pytest.raises(SpecError, match="quantization compressed-tensors int2 group is not supported; supported: "
+                                        ".*or pass dtype= one of auto, fp8_w8a8"):
         resolve_model(path)
     spec = resolve_model(path, tp_size=8, dtype="bf16")
-    assert (spec.E, spec.N, spec.dtype, spec.checkpoint_expert_dtype) == (385, 256, None, "int4")
+    assert (spec.E, spec.N, spec.dtype, spec.checkpoint_expert_dtype) == (385, 256, None, "int2")
 
 
 def test_deepseek_v4_tunes_its_fp4_experts_as_block_fp8_with_swiglu_limit():
@@ -249,7 +250,8 @@ def test_expert_parallel_splits_experts_and_keeps_the_fused_shared_expert():
     ({"tp_size": 8, "ep_size": 3}, "256 experts are not divisible by ep_size 3"),
     ({"tp_size": 4, "ep_size": 8}, "must be a multiple of ep_size"),
     ({"tp_size": 0}, "tp_size must be a positive integer"),
-    ({"dtype": "int4"}, "unknown dtype 'int4'; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16"),
+    ({"dtype": "int4"}, ("unknown dtype 'int4'; accepted: auto, fp8_w8a8, int8_w8a8, int8_w8a16, int4_w4a16, "
+                         "bf16/bfloat16, fp16/float16")),
 ])
 def test_bad_parallel_split_or_dtype(kwargs, message):
     with pytest.raises(SpecError, match=message) as info:

@@ -9,6 +9,7 @@ routed ones. A config is read as a plain dict (no remote code runs), from a loca
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import SpecError
 from ..model import catalogue
-from .spec import ModelSpec
+from .quantization import SUPPORTED_SCHEMES, WeightFormat, checkpoint_format, fit_group_size
+from .spec import (
+    ACTIVATION_DTYPES,
+    MAX_HIDDEN_SIZE,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_NUM_EXPERTS,
+    SUPPORTED_QUANT_DTYPES,
+    ModelSpec,
+)
 
 _FROM_SHAPE = "ModelSpec.from_shape(num_experts=..., topk=..., hidden_size=..., intermediate_size=...)"
 
@@ -67,9 +76,15 @@ _RULES: dict[str, _Rule] = {
 SUPPORTED_ARCHITECTURES = tuple(sorted(_RULES))
 _EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 
-# The dtype argument: quantization to tune, or the activation dtype of an unquantized tune.
-_DTYPE_ARGS = {"fp8_w8a8": "fp8_w8a8", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
-               "float16": "float16"}
+# The dtype argument: "auto" (the checkpoint's), a quantization to tune, or the activation dtype of an unquantized
+# tune.
+_DTYPE_ARGS = {"auto": "auto", **{q: q for q in SUPPORTED_QUANT_DTYPES}, "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+_DTYPE_HELP = f"auto, {', '.join(SUPPORTED_QUANT_DTYPES)}, bf16/bfloat16, fp16/float16"
+# An explicit int4_w4a16 on a checkpoint without groups: 128, the usual GPTQ/AWQ/compressed-tensors W4A16 group.
+_DEFAULT_GROUP_SIZE = 128
+# More layers than any model has (DeepSeek-V3: 61, GLM-4.5: 92).
+_MAX_LAYERS = 100_000
 
 
 def load_config(model: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
@@ -157,7 +172,7 @@ def _probe_hub(repo_id: str) -> None:
         get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
 
 
-def resolve_model(model: str | os.PathLike[str], tp_size: int = 1, ep_size: int = 1, dtype: str | None = None, *,
+def resolve_model(model: str | os.PathLike[str], tp_size: int = 1, ep_size: int = 1, dtype: str | None = "auto", *,
                   swiglu_limit: float | None = None, fuse_shared_experts: bool = True,
                   torch_dtype: str | None = None) -> ModelSpec:
     """The MoE layer spec of a model, per rank, as SGLang's tuner would build it.
@@ -166,16 +181,20 @@ def resolve_model(model: str | os.PathLike[str], tp_size: int = 1, ep_size: int 
         model: a Hub id (bundled ones resolve offline), a model directory or a config.json path.
         tp_size, ep_size: tensor / expert parallel sizes. E is split ep_size ways, the intermediate size
             tp_size // ep_size ways.
-        dtype: what to tune: "fp8_w8a8", or "bf16"/"bfloat16", "fp16"/"float16" for unquantized weights. Default:
-            what the checkpoint holds (DeepSeek-V4's FP4 experts are tuned as fp8_w8a8 block [128, 128], as served on
-            Hopper).
+        dtype: what to tune. "auto" (or None): what the checkpoint's quantization_config says (fp8 block, per-channel
+            or per-tensor; int8 w8a8; GPTQ/AWQ/compressed-tensors int4 and int8 weight-only with their group size and
+            zero points; DeepSeek-V4's FP4 experts as fp8_w8a8 block [128, 128], as served on Hopper). Or one of
+            SGLang's tuner formats, "fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16" (keeping the checkpoint's
+            block, group size and per-channel scales where it has them of that kind), or "bf16"/"bfloat16",
+            "fp16"/"float16" for unquantized weights.
         swiglu_limit: overrides the config's clamp (DeepSeek-V4 defaults to 10.0 when its config has none).
         fuse_shared_experts: fuse the shared expert into E and topk where SGLang does (DeepSeek-V3/V3.2, Kimi-K2,
             GLM-4.5+); False tunes the routed experts alone.
         torch_dtype: activation dtype ("bfloat16"/"float16"), overriding the config's.
 
     Raises:
-        SpecError: unknown or non-MoE architecture, bad tp/ep split, missing or malformed config, model not found.
+        SpecError: unknown or non-MoE architecture, bad tp/ep split, missing, malformed or wrong-typed config fields,
+            a quantization scheme moe-opt cannot tune (with dtype "auto"), model not found.
 
     Example:
         >>> spec = resolve_model("deepseek-ai/DeepSeek-V3", tp_size=8)
@@ -183,17 +202,22 @@ def resolve_model(model: str | os.PathLike[str], tp_size: int = 1, ep_size: int 
         (257, 256, 9, (128, 128))
         >>> spec.config_file_name("NVIDIA H200")
         'E=257,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128, 128].json'
+        >>> spec = resolve_model("hugging-quants/Mixtral-8x7B-Instruct-v0.1-AWQ-INT4", tp_size=2)
+        >>> spec.dtype, spec.group_size, spec.has_zero_point, spec.config_file_name("NVIDIA H200")
+        ('int4_w4a16', 128, True, 'E=8,N=7168,device_name=NVIDIA_H200,dtype=int4_w4a16.json')
     """
-    config, _ = load_config(model)
+    config, source = load_config(model)
     return spec_from_config(config, tp_size, ep_size, dtype, model=os.fspath(model).strip(),
                             swiglu_limit=swiglu_limit, fuse_shared_experts=fuse_shared_experts,
-                            torch_dtype=torch_dtype)
+                            torch_dtype=torch_dtype, source=source)
 
 
-def spec_from_config(config: Mapping[str, Any], tp_size: int = 1, ep_size: int = 1, dtype: str | None = None, *,
+def spec_from_config(config: Mapping[str, Any], tp_size: int = 1, ep_size: int = 1, dtype: str | None = "auto", *,
                      model: str | None = None, swiglu_limit: float | None = None, fuse_shared_experts: bool = True,
-                     torch_dtype: str | None = None) -> ModelSpec:
+                     torch_dtype: str | None = None, source: str | None = None) -> ModelSpec:
     """The spec of a config.json already loaded as a dict; arguments as :func:`resolve_model`.
+
+    ``source`` names where the config came from (a file, ``catalogue:<id>``) in error messages.
 
     Example:
         >>> config = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -202,50 +226,90 @@ def spec_from_config(config: Mapping[str, Any], tp_size: int = 1, ep_size: int =
         'E=8 N=7168 K=4096 topk=2 bfloat16'
     """
     name = model or "config"
+    where = name if source in (None, name) else f"{name} ({source})"
     for label, value in (("tp_size", tp_size), ("ep_size", ep_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"{label} must be a positive integer, got {value!r}")
     fields = _fields(config)
     architecture = _architecture(config, name)
     rule = _RULES[architecture]
-    experts = _int(fields, rule.experts, name, architecture)
-    topk = _int(fields, rule.topk, name, architecture)
-    intermediate = _int(fields, rule.intermediate, name, architecture)
-    hidden_size = _int(fields, ("hidden_size",), name, architecture)
+    experts = _int(fields, rule.experts, where, architecture, MAX_NUM_EXPERTS)
+    topk = _int(fields, rule.topk, where, architecture, MAX_NUM_EXPERTS)
+    intermediate = _int(fields, rule.intermediate, where, architecture, MAX_INTERMEDIATE_SIZE)
+    hidden_size = _int(fields, ("hidden_size",), where, architecture, MAX_HIDDEN_SIZE)
     if experts % ep_size:
         raise SpecError(f"{name}: {experts} experts are not divisible by ep_size {ep_size}; use an ep_size that "
                         f"divides {experts}")
-    fused = int(fields.get("n_shared_experts") or 0) if fuse_shared_experts and architecture in _FUSES_SHARED else 0
-    quant, block_shape, expert_dtype = _quantization(fields, name, strict=dtype is None)
+    fused = 0
+    if fuse_shared_experts and architecture in _FUSES_SHARED:
+        fused = _optional_int(fields, "n_shared_experts", where, minimum=0, maximum=MAX_NUM_EXPERTS) or 0
     # fp32 or no dtype falls back to bf16, as SGLang's tuner does when a config has none.
     act_dtype = fields.get("torch_dtype") or fields.get("dtype")
-    act_dtype = act_dtype if act_dtype in ("bfloat16", "float16") else "bfloat16"
-    if dtype is not None:
-        choice = _DTYPE_ARGS.get(str(dtype).lower())
-        if choice is None:
-            raise SpecError(f"unknown dtype {dtype!r}; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16")
-        if choice == "fp8_w8a8":
-            default_block = (128, 128) if architecture in _FP8_BLOCK_DEFAULT else None
-            quant, block_shape = "fp8_w8a8", block_shape if quant == "fp8_w8a8" else default_block
-        else:
-            quant, block_shape, act_dtype = None, None, choice
+    act_dtype = act_dtype if isinstance(act_dtype, str) and act_dtype in ACTIVATION_DTYPES else "bfloat16"
+    checkpoint = checkpoint_format(fields, where)
+    moe_tp = tp_size // ep_size if tp_size % ep_size == 0 else 0
+    n = intermediate // moe_tp if moe_tp and intermediate % moe_tp == 0 else None
+    choice = _dtype_choice(dtype)
+    if choice == "auto":
+        if checkpoint.unsupported:
+            raise SpecError(f"{where}: checkpoint quantization {checkpoint.unsupported} is not supported; supported: "
+                            f"{SUPPORTED_SCHEMES}; or pass dtype= one of {_DTYPE_HELP} to choose what to tune")
+        weights = checkpoint
+    elif choice in ACTIVATION_DTYPES:
+        weights, act_dtype = WeightFormat(), choice
+    else:
+        weights = _override(choice, checkpoint, architecture)
+    block_shape = weights.block_shape
+    if weights.group_size is not None and weights.fits_group_to_shape and n is not None:
+        block_shape = (0, fit_group_size(weights.group_size, n, hidden_size, where))
     if torch_dtype is not None:
         act_dtype = _DTYPE_ARGS.get(str(torch_dtype).lower(), str(torch_dtype))
-    limit = swiglu_limit if swiglu_limit is not None else fields.get("swiglu_limit")
+    limit = swiglu_limit
+    if limit is None:
+        limit = _optional_number(fields, "swiglu_limit", where)
     if limit is None and architecture == "DeepseekV4ForCausalLM":
         limit = _V4_SWIGLU_LIMIT
     try:
         return ModelSpec(
             num_experts=experts // ep_size + fused, topk=topk + fused, hidden_size=hidden_size,
-            intermediate_size=intermediate, tp_size=tp_size, ep_size=ep_size, dtype=quant, torch_dtype=act_dtype,
-            block_shape=block_shape, swiglu_limit=limit, model=model, architecture=architecture,
+            intermediate_size=intermediate, tp_size=tp_size, ep_size=ep_size, dtype=weights.dtype,
+            torch_dtype=act_dtype, block_shape=block_shape, per_channel_quant=weights.per_channel_quant,
+            has_zero_point=weights.has_zero_point, swiglu_limit=limit, model=model, architecture=architecture,
             # GPT-OSS clamps, scales and biases its SwiGLU differently ("swigluoai"); tuning refuses it. Grok-1's
             # experts use GELU (SGLang grok.py), which ModelSpec lacks: "silu" stands in, the timed GEMMs are the same.
             activation="swigluoai" if architecture in _GPT_OSS else "silu",
-            num_moe_layers=_num_moe_layers(fields, architecture), num_fused_shared_experts=fused,
-            checkpoint_expert_dtype=expert_dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(act_dtype))
+            num_moe_layers=_num_moe_layers(fields, architecture, where), num_fused_shared_experts=fused,
+            checkpoint_expert_dtype=checkpoint.expert_dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(act_dtype))
     except SpecError as exc:
         raise SpecError(f"{name}: {exc}") from None
+
+
+def _dtype_choice(dtype: str | None) -> str:
+    """"auto", a quantization string of SGLang's tuner, or an activation dtype ("bfloat16", "float16")."""
+    if dtype is None:
+        return "auto"
+    choice = _DTYPE_ARGS.get(dtype.lower()) if isinstance(dtype, str) else None
+    if choice is None:
+        raise SpecError(f"unknown dtype {dtype!r}; accepted: {_DTYPE_HELP}")
+    return choice
+
+
+def _override(choice: str, checkpoint: WeightFormat, architecture: str) -> WeightFormat:
+    """The weight format of an explicit dtype: the checkpoint's block, group size, per-channel scales and zero points
+    where it has them of that kind, else SGLang-like defaults."""
+    if choice in ("fp8_w8a8", "int8_w8a8"):
+        w8a8 = checkpoint.dtype in ("fp8_w8a8", "int8_w8a8")
+        if checkpoint.dtype == choice or (w8a8 and (checkpoint.block_shape or checkpoint.per_channel_quant)):
+            return WeightFormat(choice, checkpoint.block_shape, per_channel_quant=checkpoint.per_channel_quant)
+        # DeepSeek's own FP8 checkpoints are block [128, 128]; SGLang's int8 runs per channel or per block only.
+        block = (128, 128) if architecture in _FP8_BLOCK_DEFAULT else None
+        return WeightFormat(choice, block, per_channel_quant=block is None and choice == "int8_w8a8")
+    group = checkpoint.group_size
+    if group is None and choice == "int4_w4a16":
+        group = _DEFAULT_GROUP_SIZE
+    has_zp = checkpoint.has_zero_point and checkpoint.group_size is not None
+    return WeightFormat(choice, (0, group) if group else None, has_zero_point=has_zp,
+                        fits_group_to_shape=group is not None)
 
 
 def _fields(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,63 +341,53 @@ def _architecture(config: Mapping[str, Any], name: str) -> str:
                     f"; or give the shapes explicitly with {_FROM_SHAPE}")
 
 
-def _int(fields: Mapping[str, Any], keys: Sequence[str], name: str, architecture: str) -> int:
+def _int(fields: Mapping[str, Any], keys: Sequence[str], where: str, architecture: str, maximum: int) -> int:
     for key in keys:
-        value = fields.get(key)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(f"{name}: config field {key!r} must be an integer, got {value!r}")
-            return value
-    raise SpecError(f"{name}: config is missing {' or '.join(repr(k) for k in keys)}, which {architecture} needs; "
+        if fields.get(key) is not None:
+            return _optional_int(fields, key, where, minimum=1, maximum=maximum)
+    raise SpecError(f"{where}: config is missing {' or '.join(repr(k) for k in keys)}, which {architecture} needs; "
                     f"give a complete config.json or explicit shapes with {_FROM_SHAPE}")
 
 
-def _quantization(fields: Mapping[str, Any], name: str,
-                  strict: bool) -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """(dtype, block_shape, checkpoint_expert_dtype) that the checkpoint's quantization_config implies; a scheme
-    moe-opt cannot tune is an error unless ``strict`` is off (the caller chose a dtype)."""
-    expert_dtype = fields.get("expert_dtype")  # DeepSeek-V4: "fp4" routed experts inside an fp8 checkpoint
-    qc = fields.get("quantization_config")
-    if not qc:
-        return None, None, expert_dtype
-    if not isinstance(qc, Mapping):
-        raise SpecError(f"{name}: quantization_config must be an object, got {qc!r}")
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "fp8":
-        return "fp8_w8a8", _block(qc.get("weight_block_size"), name), expert_dtype or "fp8"
-    if method == "mxfp4":
-        # GPT-OSS: MXFP4 experts run by other kernels; the spec records them and tunes unquantized.
-        return None, None, "mxfp4"
-    if method == "compressed-tensors":  # the first config group's weights, as SGLang's tuner reads them
-        weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights") or {}
-        method = {"float": "fp", "int": "int"}.get(weights.get("type"), "?") + str(weights.get("num_bits", "?"))
-        if method == "fp8":
-            block = weights.get("block_structure") if weights.get("strategy") == "block" else None
-            return "fp8_w8a8", _block(block, name), "fp8"
-    if not strict:
-        return None, None, method or None
-    raise SpecError(f"{name}: checkpoint quantization {method or qc!r} is not supported; pass dtype='fp8_w8a8' or "
-                    "dtype='bf16' to choose what to tune")
-
-
-def _block(value: Any, name: str) -> tuple[int, int] | None:
-    if value is not None and not (isinstance(value, list) and len(value) == 2
-                                  and all(isinstance(v, int) for v in value)):
-        raise SpecError(f"{name}: weight block size must be two integers [block_n, block_k], got {value!r}")
-    return None if value is None else (value[0], value[1])
-
-
-def _num_moe_layers(fields: Mapping[str, Any], architecture: str) -> int | None:
-    layers = fields.get("num_hidden_layers")
-    if not isinstance(layers, int):
+def _optional_int(fields: Mapping[str, Any], key: str, where: str, *, minimum: int, maximum: int) -> int | None:
+    """A config field that must be an integer in [minimum, maximum] when present."""
+    value = fields.get(key)
+    if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise SpecError(f"{where}: config field {key!r} must be an integer from {minimum} to {maximum}, "
+                        f"got {value!r}")
+    return value
+
+
+def _optional_number(fields: Mapping[str, Any], key: str, where: str) -> float | None:
+    """A config field that must be a positive finite number when present (JSON's 1e999 reads as infinity)."""
+    value = fields.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{where}: config field {key!r} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _num_moe_layers(fields: Mapping[str, Any], architecture: str, where: str) -> int | None:
+    layers = _optional_int(fields, "num_hidden_layers", where, minimum=1, maximum=_MAX_LAYERS)
+    if layers is None:
+        return None
+
+    def step(key: str, default: int, minimum: int = 1) -> int:
+        value = _optional_int(fields, key, where, minimum=minimum, maximum=_MAX_LAYERS)
+        return default if value is None else value
+
     if architecture in _LLAMA4:  # SGLang llama4._is_moe_layer: every interleave_moe_layer_step-th layer
-        step = fields.get("interleave_moe_layer_step") or 1
-        return sum((i + 1) % step == 0 for i in range(layers))
+        every = step("interleave_moe_layer_step", 1)
+        return sum((i + 1) % every == 0 for i in range(layers))
     if architecture in _QWEN:  # transformers' Qwen MoE: sparse every decoder_sparse_step, except mlp_only_layers
-        step, dense = fields.get("decoder_sparse_step") or 1, set(fields.get("mlp_only_layers") or ())
-        return sum(i not in dense and (i + 1) % step == 0 for i in range(layers))
+        every, dense = step("decoder_sparse_step", 1), fields.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            raise SpecError(f"{where}: config field 'mlp_only_layers' must be a list of layer indices, got {dense!r}")
+        return sum(i not in set(dense) and (i + 1) % every == 0 for i in range(layers))
     if architecture in _DEEPSEEK:  # DeepSeek: dense first_k_dense_replace layers, then every moe_layer_freq-th
-        first, freq = fields.get("first_k_dense_replace") or 0, fields.get("moe_layer_freq") or 1
+        first, freq = step("first_k_dense_replace", 0, minimum=0), step("moe_layer_freq", 1)
         return sum(i >= first and i % freq == 0 for i in range(layers))
     return layers

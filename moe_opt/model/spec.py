@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import SpecError
 
-# The quantization strings as SGLang/vLLM config file names spell them (`dtype=` part), or None for bf16/fp16.
-SUPPORTED_QUANT_DTYPES = ("fp8_w8a8",)
+# The quantization strings of SGLang's tuner (`--dtype`, tuning_fused_moe_triton.py) as its config file names spell
+# them (`dtype=` part), or None for bf16/fp16 weights.
+SUPPORTED_QUANT_DTYPES = ("fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16")
+# Weight-only formats whose weights can come in groups along K. Their group size travels as block_shape
+# [0, group_size], as SGLang passes it to fused_experts (quantization/moe_wna16.py) and its tuner builds it from a
+# compressed-tensors group_size (benchmark/kernels/fused_moe_triton/common_utils.py, get_model_config).
+GROUP_QUANT_DTYPES = ("int8_w8a16", "int4_w4a16")
+# The smallest group size: SGLang's moe_wna16 asserts group_size >= 32 while fitting it to the shapes, and the
+# smallest BLOCK_SIZE_K moe_opt proposes for group-quantized weights is 32 (space.block_size_k_choices).
+MIN_GROUP_SIZE = 32
+# Upper bounds well past every released MoE (hidden sizes up to 16384, expert intermediate sizes up to 32768, at most
+# 512 experts): a config beyond them is a typo or a unit mix-up and would ask for weights no GPU holds.
+MAX_HIDDEN_SIZE = 65_536
+MAX_INTERMEDIATE_SIZE = 1_048_576
+MAX_NUM_EXPERTS = 16_384
+MAX_PARALLEL_SIZE = 4_096
 # Activation dtypes by name; torch.dtype objects are looked up when used (``import moe_opt`` stays light).
 ACTIVATION_DTYPES = ("bfloat16", "float16")
 # "silu": SwiGLU with gate = first half of w1's output (optionally clamped by swiglu_limit).
@@ -33,16 +49,22 @@ class ModelSpec:
         hidden_size: K, the model width (input and output of the MoE layer).
         intermediate_size: the model's moe_intermediate_size, before tensor parallelism.
         tp_size, ep_size: tensor / expert parallel sizes; the intermediate is split tp_size // ep_size ways.
-        dtype: the quantization string of the config file names ("fp8_w8a8"), or None for bf16/fp16 weights.
+        dtype: the quantization string of the config file names ("fp8_w8a8", "int8_w8a8", "int8_w8a16",
+            "int4_w4a16"), or None for bf16/fp16 weights.
         torch_dtype: activation dtype, "bfloat16" or "float16".
-        block_shape: [block_n, block_k] of block-wise weight quantization, or None (per-tensor scales).
+        block_shape: [block_n, block_k] of block-wise w8a8 quantization; [0, group_size] for group-quantized
+            int8_w8a16/int4_w4a16 (GPTQ, AWQ, compressed-tensors groups); None otherwise.
+        per_channel_quant: w8a8 with one weight scale per output channel and per-token activation scales (SGLang's
+            per_channel_quant; int8_w8a8 needs it or a block_shape).
         activation: "silu" (SwiGLU: silu(gate) * up, gate = first half of w1's output) or "swigluoai"
             (GPT-OSS; recorded, not tunable).
         swiglu_limit: DeepSeek-V4's clamp L: silu(min(gate, L)) * clamp(up, -L, L); None for none.
         model, architecture: where the spec came from (informational).
         num_moe_layers: MoE layers in the model (informational).
         num_fused_shared_experts: shared experts fused into E and topk (SGLang's shared-expert fusion).
-        checkpoint_expert_dtype: how the checkpoint stores routed experts ("fp8", "fp4", "bf16", ...).
+        checkpoint_expert_dtype: how the checkpoint stores routed experts ("fp8", "fp4", "int4", "bf16", ...).
+        has_zero_point: group-quantized weights carry zero points (GPTQ sym false, AWQ zero_point true,
+            compressed-tensors symmetric false); without them the kernel subtracts 8 (int4) or 128 (uint8).
 
     Example:
         >>> s = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336, tp_size=2)
@@ -67,12 +89,16 @@ class ModelSpec:
     num_moe_layers: int | None = None
     num_fused_shared_experts: int = 0
     checkpoint_expert_dtype: str | None = None
+    has_zero_point: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "topk", "hidden_size", "intermediate_size", "tp_size", "ep_size"):
+        limits = {"num_experts": MAX_NUM_EXPERTS, "topk": MAX_NUM_EXPERTS, "hidden_size": MAX_HIDDEN_SIZE,
+                  "intermediate_size": MAX_INTERMEDIATE_SIZE, "tp_size": MAX_PARALLEL_SIZE,
+                  "ep_size": MAX_PARALLEL_SIZE}
+        for name, limit in limits.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpecError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise SpecError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
         if self.tp_size % self.ep_size:
             raise SpecError(f"tp_size {self.tp_size} must be a multiple of ep_size {self.ep_size} "
                             "(SGLang splits the intermediate size tp_size // ep_size ways)")
@@ -89,49 +115,115 @@ class ModelSpec:
             raise SpecError(f"unsupported torch_dtype {self.torch_dtype!r}; accepted: {', '.join(ACTIVATION_DTYPES)}")
         if self.activation not in ACTIVATIONS:
             raise SpecError(f"unsupported activation {self.activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+        for name in ("per_channel_quant", "has_zero_point"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.block_shape is not None:
             bs = tuple(self.block_shape)
-            if (len(bs) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in bs)):
-                raise SpecError(f"block_shape must be two positive integers [block_n, block_k], got {self.block_shape!r}")
+            if len(bs) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in bs):
+                raise SpecError(f"block_shape must be two integers [block_n, block_k] (or [0, group_size]), got "
+                                f"{self.block_shape!r}")
             object.__setattr__(self, "block_shape", bs)
-            if self.dtype != "fp8_w8a8":
-                raise SpecError(f"block_shape {list(bs)} needs dtype 'fp8_w8a8', got {self.dtype!r}")
-            block_n, block_k = bs
-            if self.hidden_size % block_k or self.N % block_k:
-                raise SpecError(f"block_shape {list(bs)}: block_k {block_k} must divide hidden_size "
-                                f"{self.hidden_size} and N {self.N}")
-            if (2 * self.N) % block_n or self.hidden_size % block_n:
-                raise SpecError(f"block_shape {list(bs)}: block_n {block_n} must divide 2N {2 * self.N} "
-                                f"and hidden_size {self.hidden_size}")
+        self._check_quantization()
         if self.swiglu_limit is not None:
-            limit = float(self.swiglu_limit)
-            if not limit > 0:
-                raise SpecError(f"swiglu_limit must be a positive number or None, got {self.swiglu_limit!r}")
-            object.__setattr__(self, "swiglu_limit", limit)
+            limit = self.swiglu_limit
+            if (isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit)
+                    or not limit > 0):
+                raise SpecError(f"swiglu_limit must be a positive finite number or None, got {limit!r}")
+            object.__setattr__(self, "swiglu_limit", float(limit))
+
+    def _check_quantization(self) -> None:
+        """The combinations of dtype, block_shape, per_channel_quant and has_zero_point SGLang's kernel runs."""
+        dtype, bs = self.dtype, self.block_shape
+        if dtype is None:
+            given = {"block_shape": bs is not None, "per_channel_quant": self.per_channel_quant,
+                     "has_zero_point": self.has_zero_point}
+            extra = [name for name, on in given.items() if on]
+            if extra:
+                raise SpecError(f"{', '.join(extra)} needs a quantized dtype ({', '.join(SUPPORTED_QUANT_DTYPES)}); "
+                                "bf16/fp16 weights (dtype None) take none")
+            return
+        if dtype in GROUP_QUANT_DTYPES:
+            if self.per_channel_quant:
+                raise SpecError(f"per_channel_quant is for fp8_w8a8/int8_w8a8 (per-token activations); {dtype} takes "
+                                "block_shape [0, group_size] or, int8_w8a16 only, none (one scale per channel)")
+            if bs is None:
+                if dtype == "int4_w4a16":
+                    raise SpecError("int4_w4a16 needs a group size: block_shape [0, group_size] (SGLang runs int4 "
+                                    "weights only group-quantized)")
+                if self.has_zero_point:
+                    raise SpecError("has_zero_point needs a group size: block_shape [0, group_size] (per-channel "
+                                    "int8_w8a16 has no zero points)")
+                return
+            if bs[0] != 0 or bs[1] < 1:
+                raise SpecError(f"{dtype} takes block_shape [0, group_size] (the group size along K), got {list(bs)}")
+            group = bs[1]
+            if group % MIN_GROUP_SIZE:
+                raise SpecError(f"group size {group} must be a multiple of {MIN_GROUP_SIZE} (BLOCK_SIZE_K must divide "
+                                "it; SGLang's moe_wna16 needs >= 32)")
+            if self.hidden_size % group or self.N % group:
+                raise SpecError(f"group size {group} must divide hidden_size {self.hidden_size} and N {self.N}")
+            return
+        # fp8_w8a8, int8_w8a8
+        if self.has_zero_point:
+            raise SpecError(f"has_zero_point is for group-quantized int8_w8a16/int4_w4a16, not {dtype}")
+        if bs is not None and self.per_channel_quant:
+            raise SpecError(f"{dtype}: block_shape {list(bs)} and per_channel_quant exclude each other (block scales "
+                            "or per-channel scales)")
+        if bs is None:
+            if dtype == "int8_w8a8" and not self.per_channel_quant:
+                raise SpecError("int8_w8a8 needs per_channel_quant=True or a block_shape: SGLang's kernel has no "
+                                "per-tensor int8 (\"int8 quantization only supports channel-wise quantization except "
+                                "for block-wise quantization\")")
+            return
+        block_n, block_k = bs
+        if not block_n or not block_k:
+            raise SpecError(f"{dtype} block_shape must be two positive integers [block_n, block_k], got {list(bs)}")
+        if self.hidden_size % block_k or self.N % block_k:
+            raise SpecError(f"block_shape {list(bs)}: block_k {block_k} must divide hidden_size "
+                            f"{self.hidden_size} and N {self.N}")
+        if (2 * self.N) % block_n or self.hidden_size % block_n:
+            raise SpecError(f"block_shape {list(bs)}: block_n {block_n} must divide 2N {2 * self.N} "
+                            f"and hidden_size {self.hidden_size}")
 
     @classmethod
     def from_shape(cls, *, num_experts: int, topk: int, hidden_size: int, intermediate_size: int,
                    dtype: str | None = None, torch_dtype: str = "bfloat16",
                    block_shape: Sequence[int] | None = None, tp_size: int = 1, ep_size: int = 1,
-                   swiglu_limit: float | None = None, **extra: Any) -> "ModelSpec":
+                   swiglu_limit: float | None = None, group_size: int | None = None,
+                   **extra: Any) -> "ModelSpec":
         """A spec from explicit shapes, no model needed.
 
         ``num_experts`` is the model's expert count; with ``ep_size`` > 1 it is split across EP ranks
-        (it must divide), as the spec holds the per-rank E.
+        (it must divide), as the spec holds the per-rank E. ``group_size`` is the K group of int4_w4a16/int8_w8a16
+        weights, the same as ``block_shape=[0, group_size]``. ``per_channel_quant`` and ``has_zero_point`` pass
+        through ``extra``.
 
         Example:
             >>> s = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
             ...                          dtype="fp8_w8a8", block_shape=[128, 128], tp_size=8)
             >>> s.config_file_name("NVIDIA H100 80GB HBM3")
             'E=256,N=256,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128, 128].json'
+            >>> s = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336,
+            ...                          dtype="int4_w4a16", group_size=128, has_zero_point=True, tp_size=2)
+            >>> s.block_shape, s.group_size, s.config_file_name("NVIDIA H100 80GB HBM3")
+            ((0, 128), 128, 'E=8,N=7168,device_name=NVIDIA_H100_80GB_HBM3,dtype=int4_w4a16.json')
         """
-        if not isinstance(num_experts, int) or not isinstance(ep_size, int) or ep_size < 1:
+        if (isinstance(num_experts, bool) or not isinstance(num_experts, int) or isinstance(ep_size, bool)
+                or not isinstance(ep_size, int) or ep_size < 1):
             raise SpecError(f"num_experts and ep_size must be positive integers, got {num_experts!r}, {ep_size!r}")
         if num_experts % ep_size:
             raise SpecError(f"num_experts {num_experts} is not divisible by ep_size {ep_size}")
+        if group_size is not None:
+            if block_shape is not None:
+                raise SpecError(f"give group_size or block_shape, not both (group_size {group_size} is block_shape "
+                                f"[0, {group_size}])")
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                raise SpecError(f"group_size must be a positive integer, got {group_size!r}")
+            block_shape = (0, group_size)
         return cls(num_experts=num_experts // ep_size, topk=topk, hidden_size=hidden_size,
                    intermediate_size=intermediate_size, tp_size=tp_size, ep_size=ep_size, dtype=dtype,
-                   torch_dtype=torch_dtype, block_shape=tuple(block_shape) if block_shape else None,
+                   torch_dtype=torch_dtype, block_shape=tuple(block_shape) if block_shape is not None else None,
                    swiglu_limit=swiglu_limit, **extra)
 
     # Derived sizes, named as SGLang's tuner names them.
@@ -154,6 +246,14 @@ class ModelSpec:
         return 2 * self.N
 
     @property
+    def group_size(self) -> int | None:
+        """The K group size of group-quantized int4_w4a16/int8_w8a16 weights (block_shape [0, group_size]), else
+        None."""
+        if self.dtype in GROUP_QUANT_DTYPES and self.block_shape is not None:
+            return self.block_shape[1]
+        return None
+
+    @property
     def activation_dtype(self):
         """The activation dtype as a torch.dtype."""
         import torch
@@ -167,12 +267,26 @@ class ModelSpec:
     def config_file_name(self, device_name: str, *, engine: str = "sglang", down: bool = False) -> str:
         """The tuned-config file name SGLang or vLLM looks up for this shape on ``device_name``.
 
-        SGLang writes the block shape as a Python list (``[128, 128]``, with a space); vLLM removes the space
-        and names every H200 variant ``NVIDIA_H200`` (vllm/model_executor/layers/fused_moe/fused_moe.py).
+        Both engines name a file ``E=..,N=..,device_name=..[,dtype=..][,block_shape=..]``, N being the per-rank
+        intermediate size for every format (int4 included); the block shape appears only when ``all(block_shape)``,
+        so a group size ([0, group_size]) never does. SGLang (``get_config_file_name`` in
+        moe_runner/triton_utils/fused_moe_triton_config.py) writes the block shape as a Python list (``[128, 128]``,
+        with a space) and appends ``,per_channel_quant=True`` and ``_down``. vLLM (``get_config_file_name`` in
+        vllm/model_executor/layers/fused_moe/fused_moe.py) removes the space, names every H200 variant
+        ``NVIDIA_H200``, has no per_channel_quant part, and has no dtype for int8_w8a8: its ``_get_config_dtype_str``
+        (fused_moe/config.py) knows fp8_w8a8, int8_w8a16 and int4_w4a16 only.
+
+        Example:
+            >>> s = ModelSpec.from_shape(num_experts=160, topk=8, hidden_size=5120, intermediate_size=1536, tp_size=8,
+            ...                          dtype="fp8_w8a8", per_channel_quant=True)
+            >>> s.config_file_name("NVIDIA H200"), s.config_file_name("NVIDIA H200", engine="vllm")
+            ('E=160,N=192,device_name=NVIDIA_H200,dtype=fp8_w8a8,per_channel_quant=True.json', \
+'E=160,N=192,device_name=NVIDIA_H200,dtype=fp8_w8a8.json')
         """
         if engine not in ("sglang", "vllm"):
             raise ValueError(f"engine must be 'sglang' or 'vllm', got {engine!r}")
         device = device_name.replace(" ", "_")
+        dtype = self.dtype
         block = ""
         if self.block_shape and all(self.block_shape):
             block = f",block_shape={list(self.block_shape)}"
@@ -180,8 +294,9 @@ class ModelSpec:
             if "H200" in device.split("_"):
                 device = "NVIDIA_H200"
             block = block.replace(" ", "")
+            dtype = None if dtype == "int8_w8a8" else dtype
         name = f"E={self.E},N={self.N},device_name={device}"
-        name += f",dtype={self.dtype}" if self.dtype else ""
+        name += f",dtype={dtype}" if dtype else ""
         name += block
         if engine == "sglang":
             name += ",per_channel_quant=True" if self.per_channel_quant else ""
@@ -217,7 +332,11 @@ class ModelSpec:
 
     def __str__(self) -> str:
         quant = self.dtype or self.torch_dtype
-        if self.block_shape:
+        if self.group_size is not None:
+            quant += f" group{self.group_size}" + (" zero-point" if self.has_zero_point else "")
+        elif self.block_shape:
             quant += f" block{list(self.block_shape)}"
+        if self.per_channel_quant:
+            quant += " per-channel"
         limit = f" swiglu_limit={self.swiglu_limit:g}" if self.swiglu_limit is not None else ""
         return f"E={self.E} N={self.N} K={self.K} topk={self.topk} {quant}{limit}"
