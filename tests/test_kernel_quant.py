@@ -16,8 +16,8 @@ import torch
 from test_kernel import CONFIGS, SWIGLU_LIMIT, K, make_case, relative_error
 
 from moe_opt import ConfigError, fused_moe
-from moe_opt.kernel import (block_size_k_choices, dequantize_weight, fused_moe_reference, operand_bytes, pack_int4,
-                            quantize_weights, unpack_int4)
+from moe_opt.kernel import dequantize_weight, fused_moe_reference, pack_int4, quantize_weights, unpack_int4
+from moe_opt.space import block_size_k_choices, operand_bytes
 
 pytestmark = pytest.mark.cuda
 

@@ -14,18 +14,9 @@ if not _torch.cuda.is_available():
 
 from .backend import SUPPORTED_ACTIVATIONS, BuiltinBackend, KernelBackend, get_backend  # noqa: E402
 from .fused_moe import fused_moe  # noqa: E402
-from .quant import (  # noqa: E402
-    BLOCK_SIZE_K_CHOICES,
-    QUANT_DTYPES,
-    block_size_k_choices,
-    operand_bytes,
-    pack_int4,
-    quantize_weight_fp8,
-    quantize_weights,
-    unpack_int4,
-)
+from .quant import QUANT_DTYPES, pack_int4, quantize_weight_fp8, quantize_weights, unpack_int4  # noqa: E402
 from .reference import dequantize_weight, fused_moe_reference  # noqa: E402
 
-__all__ = ["BLOCK_SIZE_K_CHOICES", "BuiltinBackend", "KernelBackend", "QUANT_DTYPES", "SUPPORTED_ACTIVATIONS",
-           "block_size_k_choices", "dequantize_weight", "fused_moe", "fused_moe_reference", "get_backend",
-           "operand_bytes", "pack_int4", "quantize_weight_fp8", "quantize_weights", "unpack_int4"]
+__all__ = ["BuiltinBackend", "KernelBackend", "QUANT_DTYPES", "SUPPORTED_ACTIVATIONS", "dequantize_weight", "fused_moe",
+           "fused_moe_reference", "get_backend", "pack_int4", "quantize_weight_fp8", "quantize_weights",
+           "unpack_int4"]

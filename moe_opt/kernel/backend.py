@@ -86,25 +86,26 @@ class BuiltinBackend:
         return None
 
     def candidates(self, spec: ModelSpec, shared_memory_bytes: int) -> list[Config]:
-        return space.candidates(spec.dtype, spec.block_shape, shared_memory_bytes)
+        return space.candidates_for(spec, shared_memory_bytes)
 
     def grid(self, spec: ModelSpec) -> list[Config]:
-        return space.grid(space.block_k_of(spec.block_shape))
+        return space.grid_for(spec)
 
     def choices(self, spec: ModelSpec) -> dict[str, Sequence[int]]:
-        return dict(space.iter_choices(space.block_k_of(spec.block_shape)))
+        return space.choices_for(spec)
 
     def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
         a_bytes, b_bytes = space.operand_bytes(spec.dtype)
         if not space.fits_shared_memory(config, a_bytes, b_bytes, shared_memory_bytes):
             return f"Rejected: shared-memory estimate exceeds the device's {shared_memory_bytes} bytes per block"
-        block_k = space.block_k_of(spec.block_shape)
-        if block_k is not None and block_k % config.BLOCK_SIZE_K:
-            return f"Rejected: BLOCK_SIZE_K {config.BLOCK_SIZE_K} does not divide block_k {block_k}"
+        allowed = space.block_size_k_choices(spec.dtype, spec.block_shape)
+        if config.BLOCK_SIZE_K not in allowed:
+            return (f"Rejected: BLOCK_SIZE_K {config.BLOCK_SIZE_K} is not one of {allowed}, those the weight format "
+                    "and its block or group size allow")
         return None
 
     def default_config(self, spec: ModelSpec, M: int) -> Config:
-        return space.default_config(M, spec.E, spec.dtype, spec.block_shape)
+        return space.default_config_for(spec, M)
 
     def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0,
                     routing: Any = None) -> Any:

@@ -10,7 +10,7 @@ from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
 from ..space import Config, ConfigPair
 from .fused_moe import fused_moe
-from .reference import quantize_weight_fp8
+from .quant import quantize_weight_fp8, quantize_weights
 
 
 class MoeInputs:
@@ -33,7 +33,7 @@ class MoeInputs:
         E, N, K = spec.E, spec.N, spec.K
         dtype = spec.activation_dtype
         self.kwargs: dict = {"swiglu_limit": spec.swiglu_limit}
-        if spec.dtype == "fp8_w8a8":
+        if spec.dtype == "fp8_w8a8" and not spec.per_channel_quant:  # as every fp8 table was recorded
             w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.bfloat16)
             self.w1, s1 = quantize_weight_fp8(w1, spec.block_shape)
             del w1
@@ -41,6 +41,17 @@ class MoeInputs:
             self.w2, s2 = quantize_weight_fp8(w2, spec.block_shape)
             del w2
             self.kwargs.update(block_shape=spec.block_shape, w1_scale=s1 / K ** 0.5, w2_scale=s2 / N ** 0.5)
+        elif spec.dtype is not None:  # the other formats (kernel/quant.py), from weights of unit output scale
+            w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.float32) / K ** 0.5
+            w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=torch.float32) / N ** 0.5
+            quantized = [quantize_weights(w, spec.dtype, per_channel_quant=spec.per_channel_quant,
+                                          group_size=spec.group_size, zero_point=spec.has_zero_point,
+                                          block_shape=spec.block_shape if spec.group_size is None else None,
+                                          scale_dtype=dtype) for w in (w1, w2)]
+            del w1, w2
+            (self.w1, s1, z1), (self.w2, s2, z2) = quantized
+            self.kwargs.update(quant_dtype=spec.dtype, per_channel_quant=spec.per_channel_quant,
+                               block_shape=spec.block_shape, w1_scale=s1, w2_scale=s2, w1_zp=z1, w2_zp=z2)
         else:
             self.w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=dtype) / K ** 0.5
             self.w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=dtype) / N ** 0.5

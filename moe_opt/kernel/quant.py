@@ -33,20 +33,6 @@ SCALE_EPS = 1e-10
 # for uint8 weights. They are also GPTQ's own symmetric zero point, (maxq + 1) / 2.
 INT4_ZERO_POINT, UINT8_ZERO_POINT = 8, 128
 
-# BLOCK_SIZE_K values of the candidate space per format, before the block/group rule of block_size_k_choices.
-# SGLang's grid (benchmark/kernels/fused_moe_triton/common_utils.py) has 64, 128, 256 for every format. The
-# group-quantized paths also get 32, the BLOCK_SIZE_K of SGLang's own default config for them (get_default_config,
-# M > E): SGLang's tuner keeps only BLOCK_SIZE_K dividing the group size, which leaves nothing of its grid for
-# group size 32. fp8/int8 operands need BLOCK_SIZE_K >= 32 anyway (Triton's min_dot_size for 8-bit dots).
-BLOCK_SIZE_K_CHOICES: dict[str | None, tuple[int, ...]] = {
-    None: (64, 128, 256),
-    "fp8_w8a8": (64, 128, 256),
-    "int8_w8a8": (64, 128, 256),
-    "int8_w8a16": (64, 128, 256),  # (32, 64, 128, 256) with block_shape [0, group_size]
-    "int4_w4a16": (32, 64, 128, 256),
-}
-
-
 def resolve_quant_dtype(weight_dtype: torch.dtype, quant_dtype: str | None) -> str | None:
     """The quant_dtype of a call: as given, else "fp8_w8a8" for fp8 weights and None for bf16/fp16 weights.
 
@@ -70,38 +56,6 @@ def group_size_of(quant_dtype: str | None, block_shape: Sequence[int] | None) ->
     if quant_dtype in ("int8_w8a16", "int4_w4a16") and block_shape is not None and block_shape[1] > 0:
         return int(block_shape[1])
     return None
-
-
-def block_size_k_choices(quant_dtype: str | None, block_shape: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The BLOCK_SIZE_K values a format allows: the table's, those dividing block_k or the group size if any.
-
-    SGLang's tuner keeps only ``block_shape[1] % BLOCK_SIZE_K == 0`` for any block_shape, block fp8 and
-    [0, group_size] alike (tuning_fused_moe_triton.py), and the kernel here relies on it: one scale per K step.
-
-    Example:
-        >>> block_size_k_choices("fp8_w8a8", [128, 128]), block_size_k_choices("int4_w4a16", [0, 32])
-        ((64, 128), (32,))
-    """
-    base = BLOCK_SIZE_K_CHOICES[quant_dtype]
-    if group_size_of(quant_dtype, block_shape) is not None:
-        base = BLOCK_SIZE_K_CHOICES["int4_w4a16"]
-    if block_shape is None or not block_shape[1]:
-        return base
-    return tuple(k for k in base if block_shape[1] % k == 0)
-
-
-def operand_bytes(quant_dtype: str | None) -> tuple[float, float]:
-    """Bytes per element of the A (activation) and B (weight) tiles a format keeps in shared memory.
-
-    The pipeliner stages what the kernel loads: 8-bit activations for w8a8, 16-bit otherwise; int8 weights are
-    1 byte, packed int4 half a byte (dequantization happens in registers, after shared memory).
-
-    Example:
-        >>> operand_bytes(None), operand_bytes("fp8_w8a8"), operand_bytes("int4_w4a16")
-        ((2, 2), (1, 1), (2, 0.5))
-    """
-    return {None: (2, 2), "fp8_w8a8": (1, 1), "int8_w8a8": (1, 1), "int8_w8a16": (2, 1),
-            "int4_w4a16": (2, 0.5)}[quant_dtype]
 
 
 def pack_int4(q: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -31,16 +31,22 @@ from ..space import Config
 from ..store.results import GUARD_ATTR, GUARD_GAVE_UP_ATTR, study_result
 
 GUARD_M = 17
-# The per-case bounds of tests/test_kernel.py (TOLERANCE), where their derivation is written down.
-TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "fp8_tensor": 6e-2, "fp8_block": 6e-2}
+# The per-case bounds of tests/test_kernel.py (TOLERANCE) and tests/test_kernel_quant.py (FAMILY_TOLERANCE),
+# where their derivation is written down: weight-only formats keep their activation dtype's bound, w8a8 formats
+# their 8-bit type's.
+TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "fp8_tensor": 6e-2, "fp8_block": 6e-2, "fp8_channel": 6e-2,
+             "int8": 3e-2}
 MAX_CHECKS_PER_M = 5  # if the five fastest configs all fail, the kernel or its inputs are wrong, not the configs
 SKIPPED_REPLAY = "skipped: replay mode, no kernel to check"
 
 
 def dtype_path(spec: ModelSpec) -> str:
-    """The key of TOLERANCE for a spec: "fp8_block", "fp8_tensor", "fp16" or "bf16"."""
+    """The key of TOLERANCE for a spec: "fp8_block", "fp8_tensor", "fp8_channel", "int8" (int8_w8a8), or the
+    activation dtype "fp16"/"bf16" (unquantized and weight-only formats)."""
     if spec.dtype == "fp8_w8a8":
-        return "fp8_block" if spec.block_shape else "fp8_tensor"
+        return "fp8_channel" if spec.per_channel_quant else "fp8_block" if spec.block_shape else "fp8_tensor"
+    if spec.dtype == "int8_w8a8":
+        return "int8"
     return "fp16" if spec.torch_dtype == "float16" else "bf16"
 
 
@@ -93,7 +99,8 @@ def kernel_error(backend: Any, inputs: Any, config: Config, *, M: int = GUARD_M,
     index = torch.tensor(used, device=inputs.w1.device)
     renumber = {e: i for i, e in enumerate(used)}
     local_ids = torch.tensor([[renumber.get(int(e), -1) for e in row] for row in ids.cpu()], dtype=torch.int32)
-    kwargs = {k: (v.index_select(0, index.to(v.device)) if k in ("w1_scale", "w2_scale") else v)
+    per_expert = ("w1_scale", "w2_scale", "w1_zp", "w2_zp")
+    kwargs = {k: (v.index_select(0, index.to(v.device)) if k in per_expert and v is not None else v)
               for k, v in inputs.kwargs.items()}
     ref = fused_moe_reference(x, inputs.w1.index_select(0, index), inputs.w2.index_select(0, index), weights,
                               local_ids, **kwargs)

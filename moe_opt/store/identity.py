@@ -25,12 +25,19 @@ LEGACY_KERNEL = "builtin@0.1"
 
 
 def shape_key(spec: ModelSpec | None, table_name: str | None = None) -> str:
-    """The shape part of a study name, e.g. ``E=256,N=256,K=4096,topk=6,fp8_w8a8,block=[128,128],swiglu_limit=10``."""
+    """The shape part of a study name, e.g. ``E=256,N=256,K=4096,topk=6,fp8_w8a8,block=[128,128],swiglu_limit=10``
+    (group-quantized formats: ``int4_w4a16,group=128,zp``; per-channel w8a8: ``...,per_channel``)."""
     if spec is None:
         return f"table={table_name}"
     parts = [f"E={spec.E}", f"N={spec.N}", f"K={spec.K}", f"topk={spec.topk}", spec.dtype or spec.torch_dtype]
-    if spec.block_shape:
+    if spec.group_size is not None:
+        parts.append(f"group={spec.group_size}" + (",zp" if spec.has_zero_point else ""))
+    elif spec.block_shape:
         parts.append(f"block=[{spec.block_shape[0]},{spec.block_shape[1]}]")
+    if spec.per_channel_quant:
+        parts.append("per_channel")
+    if spec.dtype is not None and spec.torch_dtype != "bfloat16":
+        parts.append(spec.torch_dtype)  # the activation dtype of a quantized format
     if spec.swiglu_limit is not None:
         parts.append(f"swiglu_limit={spec.swiglu_limit:g}")
     return ",".join(parts)
