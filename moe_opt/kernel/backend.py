@@ -98,10 +98,9 @@ class BuiltinBackend:
         a_bytes, b_bytes = space.operand_bytes(spec.dtype)
         if not space.fits_shared_memory(config, a_bytes, b_bytes, shared_memory_bytes):
             return f"Rejected: shared-memory estimate exceeds the device's {shared_memory_bytes} bytes per block"
-        allowed = space.block_size_k_choices(spec.dtype, spec.block_shape)
-        if config.BLOCK_SIZE_K not in allowed:
-            return (f"Rejected: BLOCK_SIZE_K {config.BLOCK_SIZE_K} is not one of {allowed}, those the weight format "
-                    "and its block or group size allow")
+        block_k = space.block_k_of(spec.block_shape)  # block_k of block quantization, or the group size
+        if block_k and block_k % config.BLOCK_SIZE_K:  # one scale per K step: outside the grid is fine
+            return f"Rejected: BLOCK_SIZE_K {config.BLOCK_SIZE_K} does not divide block_k {block_k}"
         return None
 
     def default_config(self, spec: ModelSpec, M: int) -> Config:
