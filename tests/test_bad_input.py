@@ -102,3 +102,71 @@ def test_a_batch_size_where_every_config_failed_is_an_error_not_a_silent_exit(tm
     result = moe_opt.tune(replay="t.csv", batch_sizes=[1], n_trials=4, storage="sqlite:///s.db", output_dir=None,
                           progress=False)
     assert list(result.best) == [1]  # the batch size that has latencies is tuned
+
+
+# --- A user's measurer that returns a latency that is not one -----------------------------------------------
+
+class Miscounting(ReplayTable):
+    """The bundled table, except that SGLang's default config (measured first, by the warm start) comes back
+    with ``bad`` as its latency at every batch size."""
+
+    def __init__(self, path: str, bad: float):
+        super().__init__(path)
+        self.bad = bad
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        m = super().measure(config, M)
+        return Measurement(self.bad, None, m.attrs) if config == SPEC_DEFAULT else m
+
+
+SPEC_DEFAULT = space.default_config(1, SPEC.E, SPEC.dtype, SPEC.block_shape)  # the same at every M (block fp8)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.inf, math.nan])
+def test_a_measurer_latency_that_is_not_one_fails_its_trial_with_the_reason(tmp_path, bad):
+    storage = "sqlite:///s.db"
+    kwargs = dict(replay=TABLE, measurer=Miscounting(TABLE, bad), batch_sizes=[1, 16], n_trials=6, storage=storage,
+                  output_dir="out", progress=True)
+    result = moe_opt.tune(**kwargs)
+    for M, name in result.study_names.items():
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        assert len(trials) == 6 and all(t.state != optuna.trial.TrialState.RUNNING for t in trials)
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        assert [Config.from_dict(t.params) for t in failed] == [SPEC_DEFAULT]
+        assert failed[0].user_attrs["error"] == (f"InvalidLatency: the measurer returned latency_us={bad!r}; a "
+                                                 "latency is a finite number of microseconds > 0")
+        assert Config.from_dict(result.best[M]) != SPEC_DEFAULT and result.latency_us[M] > 0
+    exported = json.loads(result.files["sglang"].read_text())
+    assert {Config.from_dict(c) for c in exported.values()}.isdisjoint({SPEC_DEFAULT})
+    again = moe_opt.tune(**{**kwargs, "n_trials": 8})  # resumes the same studies without crashing
+    assert again.trials_used == {1: 8, 16: 8}
+
+
+def test_a_measurer_that_returns_no_measurement_is_a_one_line_error(tmp_path):
+    class Floats(ReplayTable):
+        def measure(self, config, M):
+            return 12.5
+
+    with pytest.raises(TuneError) as info:
+        moe_opt.tune(replay=TABLE, measurer=Floats(TABLE), batch_sizes=[1], n_trials=2, storage="sqlite:///s.db",
+                     output_dir="out", progress=False)
+    assert one_line(info) == ("measurer Floats returned float '12.5', not a Measurement; measure(config, M) must "
+                              "return moe_opt.measure.base.Measurement")
+    assert not Path("out").exists()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.inf, math.nan])
+def test_the_search_takes_a_stored_latency_that_is_not_one_as_a_failure(bad):
+    """A study written before such values were refused holds them; resuming it must not crash the model."""
+    state = SearchState(space.candidates(SPEC.dtype, SPEC.block_shape, space.HOPPER_SHARED_MEMORY_BYTES))
+    good, wrong = state.candidates[:3], state.candidates[3]
+    for i, c in enumerate(good):
+        state.record(16, c, 20.0 + i)
+    state.record(16, wrong, bad)
+    state.record(1, wrong, bad)
+    assert wrong in state.failed_at[16] and wrong in state.failed_at[1]
+    assert set(state.measured[16]) == set(good) and 1 not in state.measured
+    rng = random.Random(0)
+    assert state.propose(16, rng) not in [*good, wrong]
+    assert state.propose(1, rng) != wrong
+    assert isinstance(state.propose(64, rng), Config) and len(state.lookahead(64, 3)) == 3

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from .. import space
 from ..errors import TuneError
 from ..kernel.backend import backend_key, get_backend
-from ..measure.base import MeasurerInfo, custom_info
+from ..measure.base import AsyncMeasurer, HealthReporting, KernelRunner, Measurement, MeasurerInfo, custom_info
 from ..model.spec import ModelSpec
 from ..space import Config
 from ..store.identity import StudyIdentity, default_storage
@@ -152,7 +152,7 @@ class TuneSession:
         plan = self.plan
         self.n_trials = plan.n_trials
         self.batch_sizes_default = None
-        self.measurer = plan.measurer
+        self.measurer = check_measurer(plan.measurer) if plan.measurer is not None else None
         if plan.replay is not None:
             from ..measure.replay import ReplayTable
 
@@ -330,8 +330,8 @@ class TuneSession:
             from ..measure.compile_pool import usable_cores
 
             compile_workers = max(1, (usable_cores() - plan.n_workers) // plan.n_workers - 1)
-        own = self.measurer is self.table or self.measurer in self._owned
-        return dataclasses.replace(plan, spec=self.spec, measurer=None if own else self.measurer,
+        # A measurer of the caller's goes as given (each worker checks its results); one made here is made again.
+        return dataclasses.replace(plan, spec=self.spec, measurer=plan.measurer,
                                    batch_sizes=list(self.batch_sizes), n_trials=self.n_trials, storage=self.storage,
                                    compile_workers=compile_workers, warm_start=False, output_dir=None,
                                    progress=False, compile_pool=None)
@@ -453,6 +453,51 @@ class TuneSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CheckedMeasurer:
+    """A measurer given to ``tune(measurer=...)``, its results checked where they come out: a latency that is not
+    a finite number of microseconds > 0 becomes a failed trial with the reason (the search takes logs of latency
+    ratios, the ranking the smallest: a -1 would crash the one and win the other). A result that is not a
+    :class:`~moe_opt.measure.base.Measurement` is a TuneError: the measurer itself does not work. Made by
+    :func:`check_measurer`, which keeps the measurer's optional capabilities (measure/base.py)."""
+
+    def __init__(self, measurer: Any):
+        self.inner = measurer
+        self.info = custom_info(measurer)
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        return checked_measurement(self.inner.measure(config, M), self.inner)
+
+
+def check_measurer(measurer: Any) -> CheckedMeasurer:
+    """``measurer`` behind a :class:`CheckedMeasurer` that is an AsyncMeasurer, KernelRunner or HealthReporting
+    where ``measurer`` is one (the scheduler and the guard ask with isinstance)."""
+    methods: dict[str, Callable] = {}
+    if isinstance(measurer, AsyncMeasurer):
+        methods["submit"] = lambda self, config, M: self.inner.submit(config, M)
+        methods["collect"] = lambda self: checked_measurement(self.inner.collect(), self.inner)
+    if isinstance(measurer, KernelRunner):
+        methods["run_with_inputs"] = lambda self, fn, *args: self.inner.run_with_inputs(fn, *args)
+    if isinstance(measurer, HealthReporting):
+        methods["healthy"] = lambda self: self.inner.healthy()
+    cls = type(f"Checked{type(measurer).__name__}", (CheckedMeasurer,), methods) if methods else CheckedMeasurer
+    return cls(measurer)
+
+
+def checked_measurement(m: Any, measurer: Any) -> Measurement:
+    """``m`` if it is a usable Measurement; a failure with the reason if its latency is not one."""
+    from ..search.surrogate import is_latency
+
+    if not isinstance(m, Measurement):
+        raise TuneError(f"measurer {type(measurer).__name__} returned {type(m).__name__} {str(m)[:80]!r}, not a "
+                        "Measurement; measure(config, M) must return moe_opt.measure.base.Measurement")
+    if m.latency_us is None:
+        return m if m.error else Measurement(None, "Failed: the measurer gave no latency and no reason", m.attrs)
+    if not is_latency(m.latency_us):
+        return Measurement(None, f"InvalidLatency: the measurer returned latency_us={m.latency_us!r}; a latency is "
+                           "a finite number of microseconds > 0", m.attrs)
+    return m
 
 
 def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> None:
