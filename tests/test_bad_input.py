@@ -170,3 +170,45 @@ def test_the_search_takes_a_stored_latency_that_is_not_one_as_a_failure(bad):
     assert state.propose(16, rng) not in [*good, wrong]
     assert state.propose(1, rng) != wrong
     assert isinstance(state.propose(64, rng), Config) and len(state.lookahead(64, 3)) == 3
+
+
+# --- Writing a replay table ----------------------------------------------------------------------------------
+
+def read_only_directory(tmp_path: Path) -> Path:
+    """A folder nobody can create files in; root ignores permission bits, but not sysfs."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+def test_a_replay_table_written_to_a_folder_or_a_read_only_place_is_a_one_line_error(tmp_path, capsys):
+    rows = small_table(tmp_path)
+    with pytest.raises(TuneError) as info:
+        write_table(rows, tmp_path)
+    assert one_line(info) == (f"cannot write replay table {tmp_path}: it is a folder; give a file name such as "
+                              f"{tmp_path / 'table.csv'}")
+    read_only = read_only_directory(tmp_path)
+    for target in (read_only / "t.csv", read_only / "new" / "deeper" / "t.csv"):
+        with pytest.raises(TuneError) as info:
+            write_table(rows, target)
+        assert one_line(info).startswith(f"cannot write replay table {target}: ")
+        assert one_line(info).endswith("; choose a writable file location")
+    assert not (read_only / "new").exists() and not list(read_only.glob(".t.csv.*"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+
+    made = write_table(rows, tmp_path / "a" / "b" / "t.csv")  # folders that do not exist yet are made
+    assert len(ReplayTable(made).entries[1]) == 40
+
+    moe_opt.tune(replay=TABLE, batch_sizes=[1], n_trials=2, storage="sqlite:///s.db", output_dir=None,
+                 progress=False)
+    capsys.readouterr()
+    for target in (str(tmp_path), str(read_only / "t.csv")):
+        assert main(["record", "sqlite:///s.db", "-o", target]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith("moe-opt record: error: cannot write replay table ") and "\n" not in err, err
+        assert "Traceback" not in captured.out + captured.err
+    assert record_table("sqlite:///s.db", "ok.csv").exists()

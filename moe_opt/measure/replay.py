@@ -9,6 +9,7 @@ the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -131,21 +132,38 @@ class ReplayTable:
 
 
 def write_table(rows: Iterable[dict], path: str | os.PathLike, extra_columns: Iterable[str] = ()) -> Path:
-    """Write rows (dicts with TABLE_COLUMNS and any extra columns) atomically as CSV."""
+    """Write rows (dicts with TABLE_COLUMNS and any extra columns) atomically as CSV: the whole table or nothing
+    (no temporary file, no folder this call made); a path that cannot be written is a one-line TuneError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise TuneError(f"cannot write replay table {path}: it is a folder; give a file name such as "
+                        f"{path / 'table.csv'}")
     columns = list(TABLE_COLUMNS) + [c for c in extra_columns if c not in TABLE_COLUMNS]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # the folders this call creates
+    tmp, written = None, False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        written = True
+    except OSError as exc:
+        raise TuneError(f"cannot write replay table {path}: {exc.strerror or exc}; choose a writable file "
+                        "location") from None
+    finally:
+        if not written:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            for d in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return path
 
 
