@@ -212,3 +212,92 @@ def test_a_replay_table_written_to_a_folder_or_a_read_only_place_is_a_one_line_e
         assert err.startswith("moe-opt record: error: cannot write replay table ") and "\n" not in err, err
         assert "Traceback" not in captured.out + captured.err
     assert record_table("sqlite:///s.db", "ok.csv").exists()
+
+
+# --- tune()'s arguments --------------------------------------------------------------------------------------
+
+REPLAY = dict(replay=TABLE, batch_sizes=[1], n_trials=2, storage="sqlite:///s.db", output_dir="out", progress=False)
+# (tune() keyword argument and value, the start of the error's text)
+BAD_ARGUMENTS = [
+    ({"timeout_s": -1}, "timeout_s must be a finite number of seconds > 0 or None, got -1"),
+    ({"timeout_s": 0}, "timeout_s must be a finite number of seconds > 0 or None, got 0"),
+    ({"timeout_s": math.nan}, "timeout_s must be a finite number of seconds > 0 or None, got nan"),
+    ({"timeout_s": "60"}, "timeout_s must be a finite number of seconds > 0 or None, got '60'"),
+    ({"measure_timeout_s": math.inf}, "measure_timeout_s must be a finite number of seconds > 0, got inf"),
+    ({"compile_workers": -3}, "compile_workers must be an integer >= 1, got -3"),
+    ({"compile_workers": 2.5}, "compile_workers must be an integer >= 1, got 2.5"),
+    ({"n_trials": "4"}, "n_trials must be an integer >= 1, got '4'"),
+    ({"tp_size": 0}, "tp_size must be an integer >= 1, got 0"),
+    ({"seed": "x"}, "seed must be an integer from 0 to 4256656, or None, got 'x'"),
+    ({"seed": -1}, "seed must be an integer from 0 to 4256656, or None, got -1"),
+    ({"seed": 2**40}, "seed must be an integer from 0 to 4256656, or None, got 1099511627776"),
+    ({"seed": True}, "seed must be an integer from 0 to 4256656, or None, got True"),
+    ({"dtype": "fp7"}, "unknown dtype 'fp7'; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16"),
+    ({"swiglu_limit": -1.0}, "swiglu_limit must be a finite number > 0 or None, got -1.0"),
+    ({"tuned_config_dirs": "moe_configs"}, "tuned_config_dirs must be a list of folders, e.g. ['moe_configs'], got "
+                                           "'moe_configs'"),
+    ({"tuned_config_dirs": Path("moe_configs")}, "tuned_config_dirs must be a list of folders"),
+    ({"kernel": "triton"}, "unknown kernel 'triton'; accepted: builtin or a KernelBackend"),
+    ({"kernel": 3}, "unknown kernel 3; accepted: builtin or a KernelBackend"),
+    ({"storage": 3}, "storage must be a storage URL such as sqlite:///studies/model.db, a path or an Optuna storage, "
+                     "got int 3"),
+    ({"sampler": "annealing"}, "unknown sampler 'annealing'; accepted: moe, tpe, random, grid or an optuna sampler"),
+    ({"batch_sizes": 16}, "batch_sizes must be a list of positive integers such as [1, 16, 64], got 16"),
+    ({"batch_sizes": "1,16"}, "batch_sizes must be a list of positive integers such as [1, 16, 64], got '1,16'"),
+    ({"warm_start": "no"}, "warm_start must be True or False, got 'no'"),
+    ({"guard": "yes"}, "guard must be True, False or a function config -> relative error, got 'yes'"),
+    ({"output_dir": 3}, "output_dir must be a path or a string, or None, got int 3"),
+    ({"measurer": "table.csv"}, "measurer str has no measure(config, M) method"),
+]
+
+
+@pytest.mark.parametrize("argument,message", BAD_ARGUMENTS, ids=[str(a) for a, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_a_one_line_error_before_anything_is_written(tmp_path, argument, message):
+    with pytest.raises(TuneError) as info:
+        moe_opt.tune(**{**REPLAY, **argument})
+    assert one_line(info).startswith(message), str(info.value)
+    nothing_written(tmp_path)
+
+
+def test_a_path_is_a_storage_too(tmp_path):
+    result = moe_opt.tune(**{**REPLAY, "storage": tmp_path / "p.db", "output_dir": None})
+    assert (tmp_path / "p.db").is_file() and result.trials_used == {1: 2}
+
+
+# --- A tune with nothing to export says so -------------------------------------------------------------------
+
+class OutOfResources(ReplayTable):
+    """Every config fails, as on a device too small for any of them (at batch size ``at``, or everywhere)."""
+
+    def __init__(self, path: str, at: int | None = None):
+        super().__init__(path)
+        self.at = at
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        if self.at is None or M == self.at:
+            return Measurement(None, "OutOfResources: out of resource: shared memory, Required: 262144")
+        return super().measure(config, M)
+
+
+def test_a_tune_where_every_config_fails_says_there_is_nothing_to_export(tmp_path, capsys):
+    result = moe_opt.tune(**{**REPLAY, "measurer": OutOfResources(TABLE), "batch_sizes": [1, 16], "n_trials": 3,
+                             "progress": True})
+    assert result.best == {} and result.files == {} and not Path("out").exists()
+    note = ("nothing to export: no result at any batch size: every config tried failed (6 trials; most often "
+            "OutOfResources: out of resource: shared memory, Required: 262144)")
+    assert note in result.notes
+    assert note in capsys.readouterr().out  # the summary prints it
+
+    result = moe_opt.tune(**{**REPLAY, "measurer": OutOfResources(TABLE, at=16), "batch_sizes": [1, 16],
+                             "n_trials": 3, "storage": "sqlite:///partial.db"})
+    assert list(result.best) == [1]
+    assert ("M=16: no result, nothing exported for it: every config tried failed (3 trials; most often "
+            "OutOfResources: out of resource: shared memory, Required: 262144)") in result.notes
+    assert set(json.loads(result.files["sglang"].read_text())) == {"1"}
+
+
+def test_a_timeout_that_passes_before_any_measurement_says_there_is_nothing_to_export(tmp_path):
+    result = moe_opt.tune(**{**REPLAY, "timeout_s": 1e-9})
+    assert result.best == {} and not Path("out").exists()
+    assert ("nothing to export: no result at any batch size: timeout_s=1e-09 passed before any config was measured"
+            in result.notes)

@@ -102,6 +102,14 @@ CASES = [
      "n_trials must be an integer >= 1, got 0"),
     ("replay table latency not positive", dict(replay="negative.csv", output_dir="out", progress=False),
      ["--replay", "negative.csv"], "replay table negative.csv, line 3: us '-2.5' is not a latency; accepted: "),
+    ("negative timeout", dict(timeout_s=-1.0, **REPLAY), ["--timeout", "-1"],
+     "timeout_s must be a finite number of seconds > 0 or None, got -1.0"),
+    ("timeout not a number", dict(timeout_s=float("nan"), **REPLAY), ["--timeout", "nan"],
+     "timeout_s must be a finite number of seconds > 0 or None, got nan"),
+    ("compile workers below one", dict(compile_workers=-3, **REPLAY), ["--compile-workers", "-3"],
+     "compile_workers must be an integer >= 1, got -3"),
+    ("unknown dtype in replay mode", dict(dtype="fp7", **REPLAY), ["--dtype", "fp7"],
+     "unknown dtype 'fp7'; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16"),
 ]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -398,6 +399,7 @@ class TuneSession:
                             interrupted=self.interrupted, worker_errors=self.worker_errors)
         if guard is None and self.plan.guard is not False:
             result.notes.append(f"correctness guard {skipped}")
+        empty: dict[int, Any] = {}  # batch sizes without a result and without the guard's reason
         for M, study in self.studies.items():
             result.study_names[M] = study.study_name
             result.trials_used[M] = sum(map(is_counted, study.get_trials(deepcopy=False)))
@@ -414,7 +416,38 @@ class TuneSession:
             elif guard is not None and ranked.gave_up:
                 result.guard[M] = ranked.gave_up
                 result.notes.append(f"M={M}: {ranked.gave_up}")
+            else:
+                empty[M] = study
+        if empty:
+            result.notes += self._no_result_notes(empty, all_empty=len(empty) == len(self.studies))
         return result
+
+    def _no_result_notes(self, empty: dict[int, Any], *, all_empty: bool) -> list[str]:
+        """One line saying why batch sizes have nothing to export: every config tried failed (with the most
+        frequent reason), or the search stopped before measuring any (Ctrl-C, the timeout)."""
+        from collections import Counter
+
+        from optuna.trial import TrialState
+
+        from ..store.schema import error_of
+
+        def why(studies: list) -> str:
+            trials = [t for study in studies for t in study.get_trials(deepcopy=False) if is_counted(t)]
+            failed = [t for t in trials if t.state == TrialState.FAIL]
+            if len(failed) < len(trials):
+                return "no measured config passed the correctness guard"
+            if failed:
+                reason, _ = Counter(error_of(t) or "no reason recorded" for t in failed).most_common(1)[0]
+                return f"every config tried failed ({len(failed)} trials; most often {reason})"
+            if self.interrupted:
+                return "interrupted before any config was measured; run the same command again to resume"
+            if self.plan.timeout_s is not None:
+                return f"timeout_s={self.plan.timeout_s:g} passed before any config was measured"
+            return "no config was measured"
+
+        if all_empty:
+            return [f"nothing to export: no result at any batch size: {why(list(empty.values()))}"]
+        return [f"M={M}: no result, nothing exported for it: {why([study])}" for M, study in empty.items()]
 
     def _export(self, result: TuneResult) -> None:
         """Write the engines' files of result.best, merged with what an older file holds (export/engines.py)."""
@@ -538,6 +571,8 @@ def check_batch_sizes(batch_sizes: Any) -> list[int]:
     import numbers
     import re
 
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Iterable):
+        raise TuneError(f"batch_sizes must be a list of positive integers such as [1, 16, 64], got {batch_sizes!r}")
     values = list(batch_sizes)
     if not values:
         raise TuneError("batch_sizes is empty; give positive integers such as 1,16,64")
