@@ -301,3 +301,39 @@ def test_a_timeout_that_passes_before_any_measurement_says_there_is_nothing_to_e
     assert result.best == {} and not Path("out").exists()
     assert ("nothing to export: no result at any batch size: timeout_s=1e-09 passed before any config was measured"
             in result.notes)
+
+
+# --- The CPU interpreter: an explicit shape small enough is tuned as given ----------------------------------
+
+def test_a_small_explicit_shape_is_tuned_and_exported_as_given_on_the_interpreter(tmp_path, capsys):
+    spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=32)
+    result = moe_opt.tune(spec=spec, batch_sizes=[1], n_trials=1, storage="sqlite:///s.db", output_dir="out")
+    assert not result.is_performance and result.spec == spec and list(result.best) == [1]
+    assert result.files["sglang"].name == "E=8,N=32,device_name=cpu-interpreter.json"
+    assert "running Triton's CPU interpreter on the shape as given (" in capsys.readouterr().out
+
+
+def test_only_shapes_too_large_for_the_interpreter_are_scaled_keeping_the_dimensions_already_small():
+    small = {"num_experts": 8, "topk": 2, "hidden_size": 64, "intermediate_size": 32}
+    for fields in (small, {**small, "num_experts": 64}, {**small, "hidden_size": 512}, {**small, "topk": 8}):
+        spec = ModelSpec.from_shape(**fields)
+        assert interpreter_spec(spec) == spec  # E*N*K and topk*N*K within the bounds' products
+    wide = interpreter_spec(ModelSpec.from_shape(**{**small, "num_experts": 256}))
+    assert (wide.E, wide.topk, wide.N, wide.K) == (8, 2, 32, 64)  # only E was too large
+    deepseek = interpreter_spec(SPEC)
+    assert (deepseek.E, deepseek.topk, deepseek.N, deepseek.K, deepseek.block_shape) == (8, 2, 128, 256, (128, 128))
+    assert deepseek.swiglu_limit == SPEC.swiglu_limit and deepseek.dtype == SPEC.dtype
+    big_blocks = interpreter_spec(ModelSpec.from_shape(num_experts=16, topk=4, hidden_size=1024,
+                                                       intermediate_size=1024, dtype="fp8_w8a8",
+                                                       block_shape=[256, 256]))
+    assert (big_blocks.N, big_blocks.K) == (256, 256)  # the smallest multiple of the blocks, not 128
+
+
+def test_a_batch_size_too_large_for_the_interpreter_is_refused_and_the_scaled_dimensions_are_named(capsys):
+    with pytest.raises(TuneError) as info:  # the measurer is made (the scaled-down print), nothing is measured
+        moe_opt.tune(model="deepseek-ai/DeepSeek-V4-Flash", tp_size=8, batch_sizes=[1, 8192], storage="sqlite:///s.db",
+                     output_dir="out")
+    assert one_line(info).startswith("batch size 8192 is too large for Triton's CPU interpreter (at most 4096 there")
+    out = capsys.readouterr().out
+    assert "running Triton's CPU interpreter on a scaled-down shape (E 256->8, topk 6->2, N 256->128, K 4096->256;" \
+        in out

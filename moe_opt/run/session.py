@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ from .scheduler import LoopTimes
 DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
+INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there
+# A shape the interpreter runs in seconds per config, the scaled-down shape of a real model: a shape whose E*N*K
+# and topk*N*K stay within these bounds' products is tuned as given; a larger one has each of E, topk, N, K that
+# exceeds its bound brought down to it (N and K to a multiple the block_shape allows).
+INTERPRETER_BOUNDS = {"E": 8, "topk": 2, "N": 128, "K": 256}
 MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
 
 
@@ -141,6 +147,12 @@ class TuneSession:
                 raise TuneError(f"replay table {Path(plan.replay).name}: every config at batch size "
                                 f"{', '.join(map(str, failed))} failed (us empty or NaN), nothing to tune there; give "
                                 "batch_sizes without it, or a table with latencies > 0 at it")
+        if self.info.kind == "interpreter":
+            too_large = [M for M in self.batch_sizes if M > INTERPRETER_MAX_BATCH_SIZE]
+            if too_large:
+                raise TuneError(f"batch size {too_large[0]} is too large for Triton's CPU interpreter (at most "
+                                f"{INTERPRETER_MAX_BATCH_SIZE} there, where one config of M=1024 takes about a "
+                                "minute); give smaller batch sizes, or tune on a GPU")
         self.space = self._candidate_space()
         if self.n_trials is None:
             self.n_trials = self.space.grid_size if plan.sampler == "grid" else DEFAULT_N_TRIALS
@@ -199,15 +211,19 @@ class TuneSession:
         from ..measure.interpreter import InterpreterTimer
 
         plan = self.plan
-        self.spec = interpreter_spec(self.spec)
+        given, self.spec = self.spec, interpreter_spec(self.spec)
         self.measurer = InterpreterTimer(self.spec, backend=self.backend)
         if plan.batch_sizes is None:
             plan.batch_sizes = INTERPRETER_BATCH_SIZES
         if self.n_trials is None and plan.sampler != "grid":
             self.n_trials = INTERPRETER_N_TRIALS
         if plan.progress and self.worker is None:
-            print(f"moe-opt: no GPU found; running Triton's CPU interpreter on a scaled-down shape ({self.spec}). "
-                  "Timings are wall-clock interpreter times, NOT performance numbers.", flush=True)
+            changed = [f"{d} {getattr(given, d)}->{getattr(self.spec, d)}" for d in ("E", "topk", "N", "K")
+                       if getattr(given, d) != getattr(self.spec, d)]
+            shape = (f"a scaled-down shape ({', '.join(changed)}; too large for the interpreter: {self.spec})"
+                     if changed else f"the shape as given ({self.spec})")
+            print(f"moe-opt: no GPU found; running Triton's CPU interpreter on {shape}. Timings are wall-clock "
+                  "interpreter times, NOT performance numbers.", flush=True)
 
     def _start_compile_pool(self):
         """The compile pool of a GPU tune, its workers started at once (their imports overlap the study set-up)."""
@@ -560,10 +576,37 @@ def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> 
 
 
 def interpreter_spec(spec: ModelSpec) -> ModelSpec:
-    """A scaled-down copy of ``spec`` that the CPU interpreter runs in seconds; numerics are kept."""
-    moe_tp = spec.tp_size // spec.ep_size
-    return spec.replace(num_experts=min(spec.E, 8), topk=min(spec.topk, 2), hidden_size=256,
-                        intermediate_size=128 * moe_tp, num_fused_shared_experts=0)
+    """``spec`` itself if the CPU interpreter runs it in seconds (INTERPRETER_BOUNDS), else a scaled-down copy:
+    each of E, topk, N, K above its bound brought down to it, the others and the numerics kept.
+
+    The kernel masks N and K that its blocks do not divide, so any N and K run; block-quantized weights need
+    block_k to divide N and K and block_n to divide 2N and K (ModelSpec checks it), so a scaled N or K is the
+    largest such multiple within the bound (or the smallest one, where the blocks are larger than the bound).
+
+    Example:
+        >>> s = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
+        ...                          dtype="fp8_w8a8", block_shape=[128, 128], tp_size=8)
+        >>> small = interpreter_spec(s); (small.E, small.topk, small.N, small.K)
+        (8, 2, 128, 256)
+        >>> tiny = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=32)
+        >>> interpreter_spec(tiny) == tiny
+        True
+    """
+    b = INTERPRETER_BOUNDS
+    NK = spec.N * spec.K
+    if spec.E * NK <= b["E"] * b["N"] * b["K"] and spec.topk * NK <= b["topk"] * b["N"] * b["K"]:
+        return spec
+
+    def within(value: int, bound: int, step: int) -> int:
+        return value if value <= bound else max(step, bound // step * step)
+
+    block_n, block_k = spec.block_shape or (1, 1)
+    E = min(spec.E, b["E"])
+    N = within(spec.N, b["N"], math.lcm(block_k, block_n // math.gcd(block_n, 2)))
+    K = within(spec.K, b["K"], math.lcm(block_k, block_n))
+    return spec.replace(num_experts=E, topk=min(spec.topk, b["topk"]), hidden_size=K,
+                        intermediate_size=N * (spec.tp_size // spec.ep_size),
+                        num_fused_shared_experts=spec.num_fused_shared_experts if E == spec.E else 0)
 
 
 def check_batch_sizes(batch_sizes: Any) -> list[int]:
