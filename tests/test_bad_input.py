@@ -337,3 +337,17 @@ def test_a_batch_size_too_large_for_the_interpreter_is_refused_and_the_scaled_di
     out = capsys.readouterr().out
     assert "running Triton's CPU interpreter on a scaled-down shape (E 256->8, topk 6->2, N 256->128, K 4096->256;" \
         in out
+
+
+def test_a_study_holding_a_latency_that_is_not_one_records_it_as_a_failure_and_tiny_latencies_whole(tmp_path):
+    """Studies written before such values were refused: moe-opt record writes a table the loader takes."""
+    result = moe_opt.tune(replay=TABLE, batch_sizes=[1], n_trials=2, seed=0, storage="sqlite:///s.db",
+                          output_dir=None, progress=False)
+    study = optuna.load_study(study_name=result.study_names[1], storage="sqlite:///s.db")
+    distributions = study.trials[0].distributions
+    for config, value in ((Config(16, 32, 64, 1, 4, 2), -1.0), (Config(16, 32, 64, 1, 4, 3), 0.0002)):
+        study.add_trial(optuna.trial.create_trial(params=config.to_dict(), distributions=distributions, value=value))
+    table = ReplayTable(record_table("sqlite:///s.db", "t.csv"))
+    assert table.configs(1)[Config(16, 32, 64, 1, 4, 2)] is None
+    assert table.entries[1][Config(16, 32, 64, 1, 4, 2)][1] == "InvalidLatency: the study holds -1.0, not a latency"
+    assert table.configs(1)[Config(16, 32, 64, 1, 4, 3)] == pytest.approx(0.0002)

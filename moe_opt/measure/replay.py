@@ -177,6 +177,7 @@ def table_rows_from_storage(storage, *, base: str | None = None) -> list[dict]:
     import optuna
     from optuna.trial import TrialState
 
+    from ..search.surrogate import is_latency
     from ..store.identity import list_moe_studies
     from ..store.schema import config_of, error_of, is_interrupted
     from ..store.storage import open_storage
@@ -193,14 +194,21 @@ def table_rows_from_storage(storage, *, base: str | None = None) -> list[dict]:
             config = config_of(t)
             if config is None:
                 continue
-            if t.state == TrialState.COMPLETE:
+            if t.state == TrialState.COMPLETE and is_latency(t.value):
                 values.setdefault(config, []).append(float(t.value))
+            elif t.state == TrialState.COMPLETE:  # a study of before such values were refused: a failure here
+                errors.setdefault(config, f"InvalidLatency: the study holds {t.value!r}, not a latency")
             elif not is_interrupted(t):
                 errors.setdefault(config, error_of(t) or "failed")
         for config in sorted(set(values) | set(errors)):
-            us = f"{statistics.median(values[config]):.3f}" if config in values else ""
+            us = _format_us(statistics.median(values[config])) if config in values else ""
             rows.append({"M": info.M, **config.to_dict(), "us": us, "error": "" if us else errors[config]})
     return rows
+
+
+def _format_us(us: float) -> str:
+    """Three decimals, as recorded tables have them; more where those would round a latency to 0."""
+    return f"{us:.3f}" if us >= 0.0005 else f"{us:.3e}"
 
 
 def record_table(storage, path: str | os.PathLike, *, base: str | None = None) -> Path:
