@@ -42,6 +42,8 @@ def files(tmp_path, monkeypatch):
     (tmp_path / "not_a.db").write_text("these are my notes, not a database\n")
     (tmp_path / "not_a.journal").write_text("these are my notes, not a journal\n")
     (tmp_path / "columns.csv").write_text("M,BLOCK_SIZE_M,us\n1,16,3.5\n")
+    (tmp_path / "negative.csv").write_text("M,BLOCK_SIZE_M,BLOCK_SIZE_N,BLOCK_SIZE_K,GROUP_SIZE_M,num_warps,num_stages,"
+                                           "us\n1,16,32,64,1,4,3,12.5\n1,16,32,64,1,4,4,-2.5\n")
     return {"read_only": read_only_directory(tmp_path)}
 
 
@@ -98,6 +100,16 @@ CASES = [
      "replay table DeepSeek-V4-Flash_tp8_H200.csv has no rows for batch size 7; it has 1, 16, 64, 256, 1024, 4096"),
     ("n_trials below one", dict(replay=TABLE, n_trials=0, output_dir="out", progress=False), ["--n-trials", "0"],
      "n_trials must be an integer >= 1, got 0"),
+    ("replay table latency not positive", dict(replay="negative.csv", output_dir="out", progress=False),
+     ["--replay", "negative.csv"], "replay table negative.csv, line 3: us '-2.5' is not a latency; accepted: "),
+    ("negative timeout", dict(timeout_s=-1.0, **REPLAY), ["--timeout", "-1"],
+     "timeout_s must be a finite number of seconds > 0 or None, got -1.0"),
+    ("timeout not a number", dict(timeout_s=float("nan"), **REPLAY), ["--timeout", "nan"],
+     "timeout_s must be a finite number of seconds > 0 or None, got nan"),
+    ("compile workers below one", dict(compile_workers=-3, **REPLAY), ["--compile-workers", "-3"],
+     "compile_workers must be an integer >= 1, got -3"),
+    ("unknown dtype in replay mode", dict(dtype="fp7", **REPLAY), ["--dtype", "fp7"],
+     "unknown dtype 'fp7'; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16"),
 ]
 
 

@@ -1,12 +1,15 @@
 """Replay tables: recorded measurements of many configs at many batch sizes, as CSV.
 
 Columns: M, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages, us. An empty or NaN
-``us`` means the config failed to compile or launch (an ``error`` column may say why); extra columns are kept
-but ignored. ``ReplayTable`` is a :class:`~moe_opt.measure.base.Measurer`, so the tuner searches a table exactly as it searches the GPU.
+``us`` means the config failed to compile or launch (an ``error`` column may say why); any other ``us`` is a
+latency, a finite number of microseconds > 0; each (M, config) appears once. Extra columns are kept but ignored.
+``ReplayTable`` is a :class:`~moe_opt.measure.base.Measurer`, so the tuner searches a table exactly as it searches
+the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -23,10 +26,19 @@ TABLE_COLUMNS = ("M",) + PARAM_NAMES + ("us",)
 
 
 def _parse_us(value: str | None) -> float | None:
+    """A row's latency, or None for a failed config (empty or NaN); ValueError for anything else that is not a
+    finite number > 0 (the search takes logs of latency ratios, the ranking the smallest)."""
     if value is None or value.strip() == "":
         return None
-    us = float(value)
-    return None if math.isnan(us) else us
+    try:
+        us = float(value)
+    except ValueError:
+        raise ValueError(f"us {value!r} is not a number") from None
+    if math.isnan(us):
+        return None
+    if not math.isfinite(us) or us <= 0:
+        raise ValueError(f"us {value.strip()!r} is not a latency")
+    return us
 
 
 class ReplayTable:
@@ -47,18 +59,29 @@ class ReplayTable:
                 if missing:
                     raise TuneError(f"replay table {self.path} lacks column(s) {', '.join(missing)}; "
                                     f"needed: {', '.join(TABLE_COLUMNS)}")
-                rows = list(reader)
+                rows = [(reader.line_num, row) for row in reader]  # line_num: the file's line the row ends on
         except OSError as exc:
             raise TuneError(f"cannot read replay table {self.path}: {exc.strerror or exc}") from None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise TuneError(f"replay table {self.path} is not a readable CSV file: {exc}") from None
         self.entries: dict[int, dict[Config, tuple[float | None, str | None]]] = {}
-        try:
-            for row in rows:
+        first_line: dict[tuple[int, Config], int] = {}
+        for line, row in rows:
+            try:
                 config = Config(*(int(row[k]) for k in PARAM_NAMES))
-                self.entries.setdefault(int(row["M"]), {})[config] = (_parse_us(row["us"]), row.get("error") or None)
-        except (ValueError, TypeError) as exc:
-            raise TuneError(f"replay table {self.path}: bad row {row!r}: {exc}") from None
+                M = int(row["M"])
+                if M < 1:
+                    raise ValueError(f"M {M} is not a batch size")
+                us = _parse_us(row["us"])
+            except (ValueError, TypeError) as exc:
+                raise TuneError(f"replay table {self.path}, line {line}: {exc}; accepted: positive integers M and "
+                                "config values, us a finite latency in microseconds > 0 (empty or NaN: the config "
+                                "failed)") from None
+            if (M, config) in first_line:
+                raise TuneError(f"replay table {self.path}, line {line}: M={M} {config} again (first on line "
+                                f"{first_line[M, config]}); each (M, config) once")
+            first_line[M, config] = line
+            self.entries.setdefault(M, {})[config] = (us, row.get("error") or None)
         if not self.entries:
             raise TuneError(f"replay table {self.path} has no rows")
         meta = self.metadata()
@@ -85,9 +108,16 @@ class ReplayTable:
         """Every recorded config at batch size M with its latency (None for failures)."""
         return {c: us for c, (us, _) in self.entries.get(M, {}).items()}
 
+    def failed_batch_sizes(self) -> list[int]:
+        """Batch sizes at which every recorded config failed: nothing there to tune."""
+        return [M for M in self.batch_sizes if all(us is None for us, _ in self.entries[M].values())]
+
     def best(self, M: int) -> tuple[Config, float]:
         """The grid optimum at batch size M."""
         ok = [(us, c) for c, us in self.configs(M).items() if us is not None]
+        if not ok:
+            why = "every config recorded there failed" if M in self.entries else "it has no rows for it"
+            raise TuneError(f"replay table {self.path.name} has no measured config at batch size {M}: {why}")
         us, config = min(ok)
         return config, us
 
@@ -102,21 +132,38 @@ class ReplayTable:
 
 
 def write_table(rows: Iterable[dict], path: str | os.PathLike, extra_columns: Iterable[str] = ()) -> Path:
-    """Write rows (dicts with TABLE_COLUMNS and any extra columns) atomically as CSV."""
+    """Write rows (dicts with TABLE_COLUMNS and any extra columns) atomically as CSV: the whole table or nothing
+    (no temporary file, no folder this call made); a path that cannot be written is a one-line TuneError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise TuneError(f"cannot write replay table {path}: it is a folder; give a file name such as "
+                        f"{path / 'table.csv'}")
     columns = list(TABLE_COLUMNS) + [c for c in extra_columns if c not in TABLE_COLUMNS]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # the folders this call creates
+    tmp, written = None, False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        written = True
+    except OSError as exc:
+        raise TuneError(f"cannot write replay table {path}: {exc.strerror or exc}; choose a writable file "
+                        "location") from None
+    finally:
+        if not written:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            for d in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return path
 
 
@@ -130,6 +177,7 @@ def table_rows_from_storage(storage, *, base: str | None = None) -> list[dict]:
     import optuna
     from optuna.trial import TrialState
 
+    from ..search.surrogate import is_latency
     from ..store.identity import list_moe_studies
     from ..store.schema import config_of, error_of, is_interrupted
     from ..store.storage import open_storage
@@ -146,14 +194,21 @@ def table_rows_from_storage(storage, *, base: str | None = None) -> list[dict]:
             config = config_of(t)
             if config is None:
                 continue
-            if t.state == TrialState.COMPLETE:
+            if t.state == TrialState.COMPLETE and is_latency(t.value):
                 values.setdefault(config, []).append(float(t.value))
+            elif t.state == TrialState.COMPLETE:  # a study of before such values were refused: a failure here
+                errors.setdefault(config, f"InvalidLatency: the study holds {t.value!r}, not a latency")
             elif not is_interrupted(t):
                 errors.setdefault(config, error_of(t) or "failed")
         for config in sorted(set(values) | set(errors)):
-            us = f"{statistics.median(values[config]):.3f}" if config in values else ""
+            us = _format_us(statistics.median(values[config])) if config in values else ""
             rows.append({"M": info.M, **config.to_dict(), "us": us, "error": "" if us else errors[config]})
     return rows
+
+
+def _format_us(us: float) -> str:
+    """Three decimals, as recorded tables have them; more where those would round a latency to 0."""
+    return f"{us:.3f}" if us >= 0.0005 else f"{us:.3e}"
 
 
 def record_table(storage, path: str | os.PathLike, *, base: str | None = None) -> Path:

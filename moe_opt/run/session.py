@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,7 +26,7 @@ from typing import Any, Callable, Sequence
 from .. import space
 from ..errors import TuneError
 from ..kernel.backend import backend_key, get_backend
-from ..measure.base import MeasurerInfo, custom_info
+from ..measure.base import AsyncMeasurer, HealthReporting, KernelRunner, Measurement, MeasurerInfo, custom_info
 from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
 from ..space import Config, ConfigPair
@@ -39,6 +41,11 @@ from .scheduler import LoopTimes
 DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
+INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there
+# A shape the interpreter runs in seconds per config, the scaled-down shape of a real model: a shape whose E*N*K
+# and topk*N*K stay within these bounds' products is tuned as given; a larger one has each of E, topk, N, K that
+# exceeds its bound brought down to it (N and K to a multiple the block_shape allows).
+INTERPRETER_BOUNDS = {"E": 8, "topk": 2, "N": 128, "K": 256}
 MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
 
 
@@ -140,6 +147,17 @@ class TuneSession:
             if missing:
                 raise TuneError(f"replay table {Path(plan.replay).name} has no rows for batch size {missing[0]}; it "
                                 f"has {', '.join(map(str, self.table.batch_sizes))}")
+            failed = [M for M in self.table.failed_batch_sizes() if M in self.batch_sizes]
+            if failed:
+                raise TuneError(f"replay table {Path(plan.replay).name}: every config at batch size "
+                                f"{', '.join(map(str, failed))} failed (us empty or NaN), nothing to tune there; give "
+                                "batch_sizes without it, or a table with latencies > 0 at it")
+        if self.info.kind == "interpreter":
+            too_large = [M for M in self.batch_sizes if M > INTERPRETER_MAX_BATCH_SIZE]
+            if too_large:
+                raise TuneError(f"batch size {too_large[0]} is too large for Triton's CPU interpreter (at most "
+                                f"{INTERPRETER_MAX_BATCH_SIZE} there, where one config of M=1024 takes about a "
+                                "minute); give smaller batch sizes, or tune on a GPU")
         self.space = self._candidate_space()
         if self.n_trials is None:
             self.n_trials = self.space.grid_size if plan.sampler == "grid" else DEFAULT_N_TRIALS
@@ -152,7 +170,7 @@ class TuneSession:
         plan = self.plan
         self.n_trials = plan.n_trials
         self.batch_sizes_default = None
-        self.measurer = plan.measurer
+        self.measurer = check_measurer(plan.measurer) if plan.measurer is not None else None
         if plan.replay is not None:
             from ..measure.replay import ReplayTable
 
@@ -207,7 +225,7 @@ class TuneSession:
         from ..measure.interpreter import InterpreterTimer
 
         plan = self.plan
-        self.spec = interpreter_spec(self.spec)
+        given, self.spec = self.spec, interpreter_spec(self.spec)
         self.pair = plan.down_config is not False
         self.measurer = InterpreterTimer(self.spec, backend=self.backend, routing=self.routing, split_stages=self.pair)
         if plan.batch_sizes is None:
@@ -215,8 +233,12 @@ class TuneSession:
         if self.n_trials is None and plan.sampler != "grid":
             self.n_trials = INTERPRETER_N_TRIALS
         if plan.progress and self.worker is None:
-            print(f"moe-opt: no GPU found; running Triton's CPU interpreter on a scaled-down shape ({self.spec}). "
-                  "Timings are wall-clock interpreter times, NOT performance numbers.", flush=True)
+            changed = [f"{d} {getattr(given, d)}->{getattr(self.spec, d)}" for d in ("E", "topk", "N", "K")
+                       if getattr(given, d) != getattr(self.spec, d)]
+            shape = (f"a scaled-down shape ({', '.join(changed)}; too large for the interpreter: {self.spec})"
+                     if changed else f"the shape as given ({self.spec})")
+            print(f"moe-opt: no GPU found; running Triton's CPU interpreter on {shape}. Timings are wall-clock "
+                  "interpreter times, NOT performance numbers.", flush=True)
 
     def _start_compile_pool(self):
         """The compile pool of a GPU tune, its workers started at once (their imports overlap the study set-up)."""
@@ -342,8 +364,8 @@ class TuneSession:
             from ..measure.compile_pool import usable_cores
 
             compile_workers = max(1, (usable_cores() - plan.n_workers) // plan.n_workers - 1)
-        own = self.measurer is self.table or self.measurer in self._owned
-        return dataclasses.replace(plan, spec=self.spec, measurer=None if own else self.measurer,
+        # A measurer of the caller's goes as given (each worker checks its results); one made here is made again.
+        return dataclasses.replace(plan, spec=self.spec, measurer=plan.measurer,
                                    batch_sizes=list(self.batch_sizes), n_trials=self.n_trials, storage=self.storage,
                                    compile_workers=compile_workers, warm_start=False, output_dir=None,
                                    progress=False, compile_pool=None)
@@ -415,6 +437,7 @@ class TuneSession:
                             interrupted=self.interrupted, worker_errors=self.worker_errors)
         if guard is None and self.plan.guard is not False:
             result.notes.append(f"correctness guard {skipped}")
+        empty: dict[int, Any] = {}  # batch sizes without a result and without the guard's reason
         for M, study in self.studies.items():
             result.study_names[M] = study.study_name
             result.trials_used[M] = sum(map(is_counted, study.get_trials(deepcopy=False)))
@@ -434,7 +457,38 @@ class TuneSession:
             elif guard is not None and ranked.gave_up:
                 result.guard[M] = ranked.gave_up
                 result.notes.append(f"M={M}: {ranked.gave_up}")
+            else:
+                empty[M] = study
+        if empty:
+            result.notes += self._no_result_notes(empty, all_empty=len(empty) == len(self.studies))
         return result
+
+    def _no_result_notes(self, empty: dict[int, Any], *, all_empty: bool) -> list[str]:
+        """One line saying why batch sizes have nothing to export: every config tried failed (with the most
+        frequent reason), or the search stopped before measuring any (Ctrl-C, the timeout)."""
+        from collections import Counter
+
+        from optuna.trial import TrialState
+
+        from ..store.schema import error_of
+
+        def why(studies: list) -> str:
+            trials = [t for study in studies for t in study.get_trials(deepcopy=False) if is_counted(t)]
+            failed = [t for t in trials if t.state == TrialState.FAIL]
+            if len(failed) < len(trials):
+                return "no measured config passed the correctness guard"
+            if failed:
+                reason, _ = Counter(error_of(t) or "no reason recorded" for t in failed).most_common(1)[0]
+                return f"every config tried failed ({len(failed)} trials; most often {reason})"
+            if self.interrupted:
+                return "interrupted before any config was measured; run the same command again to resume"
+            if self.plan.timeout_s is not None:
+                return f"timeout_s={self.plan.timeout_s:g} passed before any config was measured"
+            return "no config was measured"
+
+        if all_empty:
+            return [f"nothing to export: no result at any batch size: {why(list(empty.values()))}"]
+        return [f"M={M}: no result, nothing exported for it: {why([study])}" for M, study in empty.items()]
 
     def _export(self, result: TuneResult) -> None:
         """Write the engines' files of result.best, merged with what an older file holds (export/engines.py)."""
@@ -477,6 +531,51 @@ class TuneSession:
         self.close()
 
 
+class CheckedMeasurer:
+    """A measurer given to ``tune(measurer=...)``, its results checked where they come out: a latency that is not
+    a finite number of microseconds > 0 becomes a failed trial with the reason (the search takes logs of latency
+    ratios, the ranking the smallest: a -1 would crash the one and win the other). A result that is not a
+    :class:`~moe_opt.measure.base.Measurement` is a TuneError: the measurer itself does not work. Made by
+    :func:`check_measurer`, which keeps the measurer's optional capabilities (measure/base.py)."""
+
+    def __init__(self, measurer: Any):
+        self.inner = measurer
+        self.info = custom_info(measurer)
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        return checked_measurement(self.inner.measure(config, M), self.inner)
+
+
+def check_measurer(measurer: Any) -> CheckedMeasurer:
+    """``measurer`` behind a :class:`CheckedMeasurer` that is an AsyncMeasurer, KernelRunner or HealthReporting
+    where ``measurer`` is one (the scheduler and the guard ask with isinstance)."""
+    methods: dict[str, Callable] = {}
+    if isinstance(measurer, AsyncMeasurer):
+        methods["submit"] = lambda self, config, M: self.inner.submit(config, M)
+        methods["collect"] = lambda self: checked_measurement(self.inner.collect(), self.inner)
+    if isinstance(measurer, KernelRunner):
+        methods["run_with_inputs"] = lambda self, fn, *args: self.inner.run_with_inputs(fn, *args)
+    if isinstance(measurer, HealthReporting):
+        methods["healthy"] = lambda self: self.inner.healthy()
+    cls = type(f"Checked{type(measurer).__name__}", (CheckedMeasurer,), methods) if methods else CheckedMeasurer
+    return cls(measurer)
+
+
+def checked_measurement(m: Any, measurer: Any) -> Measurement:
+    """``m`` if it is a usable Measurement; a failure with the reason if its latency is not one."""
+    from ..search.surrogate import is_latency
+
+    if not isinstance(m, Measurement):
+        raise TuneError(f"measurer {type(measurer).__name__} returned {type(m).__name__} {str(m)[:80]!r}, not a "
+                        "Measurement; measure(config, M) must return moe_opt.measure.base.Measurement")
+    if m.latency_us is None:
+        return m if m.error else Measurement(None, "Failed: the measurer gave no latency and no reason", m.attrs)
+    if not is_latency(m.latency_us):
+        return Measurement(None, f"InvalidLatency: the measurer returned latency_us={m.latency_us!r}; a latency is "
+                           "a finite number of microseconds > 0", m.attrs)
+    return m
+
+
 def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> None:
     """A worker process of a tune with n_workers > 1: a session's prepare and search with the tune's plan
     (the tuning process created the studies; it re-measures, checks and exports when every worker is done)."""
@@ -504,10 +603,37 @@ def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> 
 
 
 def interpreter_spec(spec: ModelSpec) -> ModelSpec:
-    """A scaled-down copy of ``spec`` that the CPU interpreter runs in seconds; numerics are kept."""
-    moe_tp = spec.tp_size // spec.ep_size
-    return spec.replace(num_experts=min(spec.E, 8), topk=min(spec.topk, 2), hidden_size=256,
-                        intermediate_size=128 * moe_tp, num_fused_shared_experts=0)
+    """``spec`` itself if the CPU interpreter runs it in seconds (INTERPRETER_BOUNDS), else a scaled-down copy:
+    each of E, topk, N, K above its bound brought down to it, the others and the numerics kept.
+
+    The kernel masks N and K that its blocks do not divide, so any N and K run; block-quantized weights need
+    block_k to divide N and K and block_n to divide 2N and K (ModelSpec checks it), so a scaled N or K is the
+    largest such multiple within the bound (or the smallest one, where the blocks are larger than the bound).
+
+    Example:
+        >>> s = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
+        ...                          dtype="fp8_w8a8", block_shape=[128, 128], tp_size=8)
+        >>> small = interpreter_spec(s); (small.E, small.topk, small.N, small.K)
+        (8, 2, 128, 256)
+        >>> tiny = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=32)
+        >>> interpreter_spec(tiny) == tiny
+        True
+    """
+    b = INTERPRETER_BOUNDS
+    NK = spec.N * spec.K
+    if spec.E * NK <= b["E"] * b["N"] * b["K"] and spec.topk * NK <= b["topk"] * b["N"] * b["K"]:
+        return spec
+
+    def within(value: int, bound: int, step: int) -> int:
+        return value if value <= bound else max(step, bound // step * step)
+
+    block_n, block_k = spec.block_shape or (1, 1)
+    E = min(spec.E, b["E"])
+    N = within(spec.N, b["N"], math.lcm(block_k, block_n // math.gcd(block_n, 2)))
+    K = within(spec.K, b["K"], math.lcm(block_k, block_n))
+    return spec.replace(num_experts=E, topk=min(spec.topk, b["topk"]), hidden_size=K,
+                        intermediate_size=N * (spec.tp_size // spec.ep_size),
+                        num_fused_shared_experts=spec.num_fused_shared_experts if E == spec.E else 0)
 
 
 def check_batch_sizes(batch_sizes: Any) -> list[int]:
@@ -515,6 +641,8 @@ def check_batch_sizes(batch_sizes: Any) -> list[int]:
     import numbers
     import re
 
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Iterable):
+        raise TuneError(f"batch_sizes must be a list of positive integers such as [1, 16, 64], got {batch_sizes!r}")
     values = list(batch_sizes)
     if not values:
         raise TuneError("batch_sizes is empty; give positive integers such as 1,16,64")

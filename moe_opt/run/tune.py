@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,11 +40,11 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             table's batch sizes.
         n_trials: configurations measured per batch size, failures included, counted across resumed runs and
             shared by all workers (default 48; 4 on the interpreter; the whole grid with sampler="grid").
-        timeout_s: stop after this many seconds, keeping everything.
+        timeout_s: stop after this many seconds (> 0), keeping everything.
         storage: Optuna storage URL, .db/.journal path or storage object; default ``sqlite:///studies/<model>.db``
             (a replay: ``studies/replay_<table>.db``), or ``journal:studies/<model>.journal`` with n_workers > 1.
         sampler: "moe" (default), "tpe", "random", "grid" (exhaustive), or an Optuna sampler.
-        seed: seed of the sampler.
+        seed: seed of the sampler, 0 to MAX_SEED (about 4.26 million).
         output_dir: where config files go (SGLang layout ``configs/triton_X_Y_Z/`` and vLLM files side by
             side); None to skip export. Batch sizes an existing file holds and this run has no result for are kept.
         warm_start: first measure SGLang's default config, existing tuned configs for the shape (found in
@@ -72,7 +74,12 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             config for both GEMMs. vLLM's file always holds the best single config (vLLM reads no down file).
 
     Returns:
-        TuneResult.
+        TuneResult. Where a batch size has nothing to export (every config failed, or the search stopped before
+        measuring one) it is missing from ``best`` and ``notes`` says why; ``best`` is empty when no batch size
+        has a result.
+
+    Raises:
+        TuneError: an argument of the wrong type or out of range, named with what is accepted.
 
     Example:
         >>> import moe_opt
@@ -81,9 +88,9 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         >>> sorted(r.best)  # doctest: +SKIP
         [1, 16, 64, 256, 1024, 4096]
     """
-    if n_trials is not None:
-        _check_count("n_trials", n_trials)
-    _check_count("n_workers", n_workers)
+    _check_arguments(locals())
+    if isinstance(storage, os.PathLike):
+        storage = os.fspath(storage)
     if spec is None and model is not None:
         from ..model.resolve import resolve_model
 
@@ -100,6 +107,88 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         return session.finalize()
 
 
+# Strategy.sampler seeds batch size i's sampler with seed * 1009 + i; numpy (Optuna's samplers) takes < 2**32.
+MAX_SEED = 2**32 // 1009 - 1
+
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    """Every argument of tune() of the wrong type or out of range is a one-line TuneError, before anything is
+    resolved, opened or written (batch sizes, the storage URL and the replay table are checked where they are
+    read: run/session.py, store/storage.py, measure/replay.py)."""
+    from ..kernel.backend import BACKENDS, KernelBackend
+    from ..model.resolve import _DTYPE_ARGS
+
+    for name in ("n_trials", "compile_workers"):
+        if args[name] is not None:
+            _check_count(name, args[name])
+    for name in ("n_workers", "tp_size", "ep_size"):
+        _check_count(name, args[name])
+    for name in ("timeout_s", "swiglu_limit"):
+        if args[name] is not None:
+            _check_positive(name, args[name], "or None")
+    _check_positive("measure_timeout_s", args["measure_timeout_s"])
+    seed = args["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed <= MAX_SEED):
+        raise TuneError(f"seed must be an integer from 0 to {MAX_SEED}, or None, got {seed!r}")
+    dtype = args["dtype"]
+    if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ARGS):
+        raise TuneError(f"unknown dtype {dtype!r}; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16")
+    for name in ("warm_start", "progress", "confirm"):
+        if not isinstance(args[name], bool):
+            raise TuneError(f"{name} must be True or False, got {args[name]!r}")
+    if not (isinstance(args["guard"], bool) or callable(args["guard"])):
+        raise TuneError(f"guard must be True, False or a function config -> relative error, got {args['guard']!r}")
+    for name in ("model", "output_dir", "replay"):
+        if args[name] is not None and not isinstance(args[name], (str, os.PathLike)):
+            raise TuneError(f"{name} must be a path or a string, or None, got {type(args[name]).__name__} "
+                            f"{args[name]!r}")
+    dirs = args["tuned_config_dirs"]
+    if isinstance(dirs, (str, bytes, os.PathLike)) or not isinstance(dirs, (list, tuple)) or \
+            not all(isinstance(d, (str, os.PathLike)) for d in dirs):
+        raise TuneError(f"tuned_config_dirs must be a list of folders, e.g. ['moe_configs'], got {dirs!r}")
+    if args["spec"] is not None and not isinstance(args["spec"], ModelSpec):
+        raise TuneError(f"spec must be a ModelSpec (ModelSpec.from_shape(...)), got {type(args['spec']).__name__}")
+    if args["device"] is not None and not isinstance(args["device"], str):
+        raise TuneError(f"device must be a string such as 'cuda:0', or None, got {args['device']!r}")
+    if args["measurer"] is not None and not callable(getattr(args["measurer"], "measure", None)):
+        raise TuneError(f"measurer {type(args['measurer']).__name__} has no measure(config, M) method; give a "
+                        "moe_opt.measure.base.Measurer")
+    kernel = args["kernel"]
+    if kernel not in BACKENDS if isinstance(kernel, str) else not isinstance(kernel, KernelBackend):
+        raise TuneError(f"unknown kernel {kernel!r}; accepted: {', '.join(BACKENDS)} or a KernelBackend")
+    _check_storage(args["storage"])
+    _check_sampler(args["sampler"])
+
+
+def _check_storage(storage: Any) -> None:
+    if storage is None or isinstance(storage, (str, os.PathLike)):
+        return
+    import optuna
+
+    if not isinstance(storage, optuna.storages.BaseStorage):
+        raise TuneError(f"storage must be a storage URL such as sqlite:///studies/model.db, a path or an Optuna "
+                        f"storage, got {type(storage).__name__} {storage!r}")
+
+
+def _check_sampler(sampler: Any) -> None:
+    from ..search.base import Strategy
+    from ..search.strategies import STRATEGY_NAMES
+
+    if sampler is None or isinstance(sampler, str) and sampler in STRATEGY_NAMES or isinstance(sampler, Strategy):
+        return
+    import optuna
+
+    if not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise TuneError(f"unknown sampler {sampler!r}; accepted: {', '.join(STRATEGY_NAMES)} or an optuna sampler")
+
+
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise TuneError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        what = "a finite number of seconds > 0" if name.endswith("_s") else "a finite number > 0"
+        raise TuneError(f"{name} must be {what}{' ' + alternative if alternative else ''}, got {value!r}")

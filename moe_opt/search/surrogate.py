@@ -35,6 +35,13 @@ EXPLORATION = 0.12  # kappa of the lower confidence bound
 PATTERN_WITHIN = 0.05  # pattern moves are made from measured configs this close to the best
 
 
+def is_latency(value: object) -> bool:
+    """Whether ``value`` is a usable latency: a finite real number > 0 (not a bool)."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclass
 class SearchState:
     """What every study of one tune has learned, shared across batch sizes.
@@ -68,8 +75,10 @@ class SearchState:
         self._at_steps = {tuple(row): i for i, row in enumerate(self._steps)}
 
     def record(self, M: int, config: Config, latency_us: float | None, compile_failure: bool = False) -> None:
-        if latency_us is not None:
-            self.measured.setdefault(M, {})[config] = latency_us
+        """One outcome. A latency that is not a finite number > 0 (a study written before such values were
+        refused, or a measurer's bug) counts as a failure at M: the model takes logs of latency ratios."""
+        if is_latency(latency_us):
+            self.measured.setdefault(M, {})[config] = float(latency_us)
         elif compile_failure:
             self.failed.add(config)
         else:
