@@ -44,7 +44,7 @@ def test_a_tune_with_a_trace_names_it_in_its_studies_and_runs(tmp_path):
     skewed = moe_opt.tune(storage=f"sqlite:///{tmp_path}/t.db", routing="zipf1.2", **kwargs)
     assert "|routing=trace:trace.npy@" in traced.study_names[8]
     assert "routing=" not in uniform.study_names[8]
-    assert skewed.study_names[8].endswith("|routing=zipf1.2|M=8")
+    assert "|routing=zipf1.2|" in skewed.study_names[8]
     assert len({traced.study_names[8], uniform.study_names[8], skewed.study_names[8]}) == 3
     assert all(r.trials_used[8] == 2 for r in (traced, uniform, skewed))  # nothing resumed across routings
 
