@@ -246,6 +246,8 @@ def main() -> int:
               "table's batch sizes together with 128 trials each; the best after the first n trials is compared "
               "with the grid optimum. Trials are counted as every configuration looked up, failures included. "
               "\"P(within 1%)\" is over seeds.", ""] + samplers_section(samplers)
+    lines += pairs_section([json.loads(f.read_text()) for f in sorted(results.glob("pair_*.json"))])
+    lines += formats_section([json.loads(f.read_text()) for f in sorted((results / "formats").glob("e2e_*.json"))])
     lines += where_time_goes(e2e)
     lines += ["## Not measured", "",
               "- SGLang's own kernel beside moe_opt's at the same configs: SGLang is not installed on the lent GPU "
@@ -261,6 +263,58 @@ def main() -> int:
     tmp.replace(out)
     print(f"wrote {out}")
     return 0
+
+
+def pairs_section(runs: list[dict]) -> list[str]:
+    """A config per GEMM (SGLang's up and _down files) against one config for both, timed in one process."""
+    if not runs:
+        return []
+    lines = ["## A config per GEMM (SGLang's `_down` file)", "",
+             "`benchmarks/compare_pair.py` after two `benchmarks/e2e_tune.py` runs of the same model on the same card, "
+             "one with `--down-config off` (one config for both GEMMs) and one with the default (a config per GEMM, "
+             "sharing BLOCK_SIZE_M): per batch size, SGLang's default, the single tune's config and the pair tune's "
+             "(up, down) pair are timed with the tuner's CUDA-graph timer, interleaved, and the medians compared. "
+             "No TMA (not implemented yet).", ""]
+    for run in runs:
+        lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}", "",
+                  f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}, "
+                  f"{run['rounds']} interleaved rounds. Wall time of the tunes (cold Triton cache each): single "
+                  f"{run['single_wall_s']:.1f} s, pair {run['pair_wall_s']:.1f} s.", "",
+                  "| M | SGLang default µs | single config µs | pair µs | pair / single | pair / default | pair |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in run["per_batch_size"]:
+            lines.append(f"| {r['M']} | {r['default_us']:.1f} | {r['single_us']:.1f} | {r['pair_us']:.1f} | "
+                         f"{r['pair_vs_single']:.3f} | {r['pair_vs_default']:.3f} | `{r['pair']}` |")
+        lines += ["", f"Geometric mean over the batch sizes: pair vs single config **{run['geomean_pair_vs_single']:.3f}x**, "
+                      f"pair vs SGLang's default {run['geomean_pair_vs_default']:.3f}x.", ""]
+    return lines
+
+
+def formats_section(runs: list[dict]) -> list[str]:
+    """18-batch-size tunes of the weight formats beyond fp8/bf16."""
+    if not runs:
+        return []
+    lines = ["## Weight formats: int8_w8a16 and int4_w4a16", "",
+             "`benchmarks/e2e_tune.py --dtype FORMAT --down-config off` (one config for both GEMMs, to fit the "
+             "session's GPU time), all 18 batch sizes x 48 trials from a cold Triton cache; speedups over SGLang's "
+             "default config for the format, both re-measured in the same pass.", ""]
+    for run in runs:
+        spec = run["spec"]
+        group = f", group {spec['block_shape'][1]}" if spec.get("block_shape") and not spec["block_shape"][0] else ""
+        rows = run["per_batch_size"]
+        speed = [r["default_us"] / r["us"] for r in rows if r.get("default_us")]
+        lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}, {spec['dtype']}{group}", "",
+                  f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}; "
+                  f"E={spec['E']}, N={spec['N']}, K={spec['K']}, topk={spec['topk']}. **{run['wall_s']:.1f} s** from "
+                  f"the script's start.", "",
+                  "| M | tuned config | µs | SGLang default µs | speedup |", "| --- | --- | --- | --- | --- |"]
+        for r in rows:
+            d = r.get("default_us")
+            lines.append(f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | {d:.1f} | {d / r['us']:.3f} |" if d
+                         else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
+        lines += ["", f"Speedup {min(speed):.3f}x to {max(speed):.3f}x, geometric mean **{run['geomean_speedup']:.3f}x**.",
+                  ""]
+    return lines
 
 
 def where_time_goes(e2e: dict[str, dict]) -> list[str]:

@@ -170,7 +170,8 @@ def result_of(trials: list, attrs: dict[str, Any], M: int | None = None) -> Stud
     best: dict[Config, Ranked] = {}
     for t, c in complete:
         us = latency_of(t, confirmed)
-        if math.isfinite(us) and c not in rejected and (c not in best or us < best[c].latency_us):
+        # A latency that is no latency (an older version stored a replay table's -1 or inf) never ranks.
+        if math.isfinite(us) and us > 0 and c not in rejected and (c not in best or us < best[c].latency_us):
             best[c] = Ranked(c, us, t.number)
     ranked = tuple(sorted(best.values(), key=lambda r: (r.latency_us, r.trial_number)))
     default = Config.from_dict(attrs["default_config"]) if attrs.get("default_config") else None
