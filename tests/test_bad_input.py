@@ -23,8 +23,8 @@ import moe_opt
 from moe_opt import Config, ModelSpec, TuneError, space
 from moe_opt.cli import main
 from moe_opt.measure.base import Measurement
+from moe_opt.measure.interpreter import interpreter_spec
 from moe_opt.measure.replay import ReplayTable, record_table, write_table
-from moe_opt.run.session import interpreter_spec
 from moe_opt.search.surrogate import SearchState
 
 REPO = Path(__file__).resolve().parents[1]

@@ -246,8 +246,7 @@ def test_replay_mode_says_the_guard_is_skipped(tmp_path, capsys):
 def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bounds():
     from test_kernel import TOLERANCE as KERNEL_TEST_TOLERANCE
 
-    from moe_opt.measure.interpreter import InterpreterTimer
-    from moe_opt.run.session import interpreter_spec
+    from moe_opt.measure.interpreter import InterpreterTimer, interpreter_spec
 
     assert TOLERANCE == KERNEL_TEST_TOLERANCE
     spec = interpreter_spec(SPEC)  # fp8 block [128, 128], swiglu_limit 10, scaled down for the interpreter

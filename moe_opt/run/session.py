@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +24,9 @@ from typing import Any, Callable, Sequence
 from .. import space
 from ..errors import TuneError
 from ..kernel.backend import backend_key, get_backend
-from ..measure.base import AsyncMeasurer, HealthReporting, KernelRunner, Measurement, MeasurerInfo, custom_info
+from ..measure.base import MeasurerInfo, custom_info
+from ..measure.checked import check_measurer
+from ..measure.interpreter import interpreter_spec
 from ..model.routing import RoutingSpec
 from ..model.spec import ModelSpec
 from ..space import Config, ConfigPair
@@ -35,6 +35,7 @@ from ..store.results import study_result
 from ..store.schema import is_counted
 from ..store.storage import open_storage, storage_url
 from ..view.notes import refresh_study_note
+from .arguments import check_batch_sizes
 from .result import TuneResult
 from .scheduler import LoopTimes
 
@@ -42,10 +43,6 @@ DEFAULT_N_TRIALS = 48
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
 INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there
-# A shape the interpreter runs in seconds per config, the scaled-down shape of a real model: a shape whose E*N*K
-# and topk*N*K stay within these bounds' products is tuned as given; a larger one has each of E, topk, N, K that
-# exceeds its bound brought down to it (N and K to a multiple the block_shape allows).
-INTERPRETER_BOUNDS = {"E": 8, "topk": 2, "N": 128, "K": 256}
 MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
 
 
@@ -531,51 +528,6 @@ class TuneSession:
         self.close()
 
 
-class CheckedMeasurer:
-    """A measurer given to ``tune(measurer=...)``, its results checked where they come out: a latency that is not
-    a finite number of microseconds > 0 becomes a failed trial with the reason (the search takes logs of latency
-    ratios, the ranking the smallest: a -1 would crash the one and win the other). A result that is not a
-    :class:`~moe_opt.measure.base.Measurement` is a TuneError: the measurer itself does not work. Made by
-    :func:`check_measurer`, which keeps the measurer's optional capabilities (measure/base.py)."""
-
-    def __init__(self, measurer: Any):
-        self.inner = measurer
-        self.info = custom_info(measurer)
-
-    def measure(self, config: Config, M: int) -> Measurement:
-        return checked_measurement(self.inner.measure(config, M), self.inner)
-
-
-def check_measurer(measurer: Any) -> CheckedMeasurer:
-    """``measurer`` behind a :class:`CheckedMeasurer` that is an AsyncMeasurer, KernelRunner or HealthReporting
-    where ``measurer`` is one (the scheduler and the guard ask with isinstance)."""
-    methods: dict[str, Callable] = {}
-    if isinstance(measurer, AsyncMeasurer):
-        methods["submit"] = lambda self, config, M: self.inner.submit(config, M)
-        methods["collect"] = lambda self: checked_measurement(self.inner.collect(), self.inner)
-    if isinstance(measurer, KernelRunner):
-        methods["run_with_inputs"] = lambda self, fn, *args: self.inner.run_with_inputs(fn, *args)
-    if isinstance(measurer, HealthReporting):
-        methods["healthy"] = lambda self: self.inner.healthy()
-    cls = type(f"Checked{type(measurer).__name__}", (CheckedMeasurer,), methods) if methods else CheckedMeasurer
-    return cls(measurer)
-
-
-def checked_measurement(m: Any, measurer: Any) -> Measurement:
-    """``m`` if it is a usable Measurement; a failure with the reason if its latency is not one."""
-    from ..search.surrogate import is_latency
-
-    if not isinstance(m, Measurement):
-        raise TuneError(f"measurer {type(measurer).__name__} returned {type(m).__name__} {str(m)[:80]!r}, not a "
-                        "Measurement; measure(config, M) must return moe_opt.measure.base.Measurement")
-    if m.latency_us is None:
-        return m if m.error else Measurement(None, "Failed: the measurer gave no latency and no reason", m.attrs)
-    if not is_latency(m.latency_us):
-        return Measurement(None, f"InvalidLatency: the measurer returned latency_us={m.latency_us!r}; a latency is "
-                           "a finite number of microseconds > 0", m.attrs)
-    return m
-
-
 def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> None:
     """A worker process of a tune with n_workers > 1: a session's prepare and search with the tune's plan
     (the tuning process created the studies; it re-measures, checks and exports when every worker is done)."""
@@ -600,65 +552,6 @@ def run_worker(index: int, plan_path: str, stop_event: Any, parent_pid: int) -> 
     except MoeOptError as exc:
         print(f"moe-opt worker {index}: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-def interpreter_spec(spec: ModelSpec) -> ModelSpec:
-    """``spec`` itself if the CPU interpreter runs it in seconds (INTERPRETER_BOUNDS), else a scaled-down copy:
-    each of E, topk, N, K above its bound brought down to it, the others and the numerics kept.
-
-    The kernel masks N and K that its blocks do not divide, so any N and K run; block-quantized weights need
-    block_k to divide N and K and block_n to divide 2N and K (ModelSpec checks it), so a scaled N or K is the
-    largest such multiple within the bound (or the smallest one, where the blocks are larger than the bound).
-
-    Example:
-        >>> s = ModelSpec.from_shape(num_experts=256, topk=8, hidden_size=7168, intermediate_size=2048,
-        ...                          dtype="fp8_w8a8", block_shape=[128, 128], tp_size=8)
-        >>> small = interpreter_spec(s); (small.E, small.topk, small.N, small.K)
-        (8, 2, 128, 256)
-        >>> tiny = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=32)
-        >>> interpreter_spec(tiny) == tiny
-        True
-    """
-    b = INTERPRETER_BOUNDS
-    NK = spec.N * spec.K
-    if spec.E * NK <= b["E"] * b["N"] * b["K"] and spec.topk * NK <= b["topk"] * b["N"] * b["K"]:
-        return spec
-
-    def within(value: int, bound: int, step: int) -> int:
-        return value if value <= bound else max(step, bound // step * step)
-
-    block_n, block_k = spec.block_shape or (1, 1)
-    E = min(spec.E, b["E"])
-    N = within(spec.N, b["N"], math.lcm(block_k, block_n // math.gcd(block_n, 2)))
-    K = within(spec.K, b["K"], math.lcm(block_k, block_n))
-    return spec.replace(num_experts=E, topk=min(spec.topk, b["topk"]), hidden_size=K,
-                        intermediate_size=N * (spec.tp_size // spec.ep_size),
-                        num_fused_shared_experts=spec.num_fused_shared_experts if E == spec.E else 0)
-
-
-def check_batch_sizes(batch_sizes: Any) -> list[int]:
-    """Batch sizes as positive, distinct ints (strings of digits accepted, as the CLI passes them)."""
-    import numbers
-    import re
-
-    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Iterable):
-        raise TuneError(f"batch_sizes must be a list of positive integers such as [1, 16, 64], got {batch_sizes!r}")
-    values = list(batch_sizes)
-    if not values:
-        raise TuneError("batch_sizes is empty; give positive integers such as 1,16,64")
-    out = []
-    for v in values:
-        text = v.strip() if isinstance(v, str) else None
-        if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or text and re.fullmatch(r"[+-]?\d+", text)):
-            raise TuneError(f"batch size {v!r} is not an integer; batch sizes are positive integers such as 1,16,64")
-        m = int(v)
-        if m < 1:
-            raise TuneError(f"batch size {m} must be positive; batch sizes are integers >= 1")
-        out.append(m)
-    dups = sorted({m for m in out if out.count(m) > 1})
-    if dups:
-        raise TuneError(f"batch size(s) {', '.join(map(str, dups))} given twice; each batch size once")
-    return out
 
 
 def _installed(package: str) -> str:
