@@ -59,15 +59,17 @@ def next_steps(result: TuneResult) -> list[str]:
 
     lines = []
     arg = storage_argument(result.storage)
-    if isinstance(result.storage, str):
-        shown = StorageURL.parse(result.storage).shown
-        if arg is None:
-            lines.append(f"studies: {shown}, in memory: gone when this process ends (pass a storage such as "
-                         "studies/x.db to keep them)")
-        else:
-            lines.append(f"studies: {shown} (run the same command again to resume or add trials)")
+    in_memory = type(result.storage).__name__ == "InMemoryStorage" or (
+        isinstance(result.storage, str) and StorageURL.parse(result.storage).kind == "memory")
+    if in_memory:  # tune() keeps sqlite:///:memory: as Optuna's InMemoryStorage object
+        lines.append("studies: in memory: gone when this process ends (pass a storage such as studies/x.db to keep "
+                     "them)")
+    elif isinstance(result.storage, str):
+        lines.append(f"studies: {StorageURL.parse(result.storage).shown} (run the same command again to resume or "
+                     "add trials)")
     else:
-        lines.append(f"studies: a {type(result.storage).__name__} given by the caller")
+        lines.append(f"studies: the {type(result.storage).__name__} given to tune(); moe_opt.summary(storage) and "
+                     "moe_opt.report(storage) read it")
     steps: list[tuple[str, str]] = []
     if arg is not None:
         q = shlex.quote(arg)
