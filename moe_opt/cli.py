@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tuned-config file, or a folder laid out for SGLang (configs/triton_X_Y_Z/) or vLLM")
     src = p.add_argument_group("what to measure")
     _add_shape_args(src)
-    _add_batch_size_args(src, "the file's batch sizes; 1,8,32 on the CPU interpreter")
+    _add_batch_size_args(src, "the file's batch sizes (with --replay, those the table has); 1,8,32 on the CPU "
+                              "interpreter")
     src.add_argument("--engine", choices=["sglang", "vllm"], default=None,
                      help="without CONFIG: only this engine's lookup (default: both)")
     src.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
@@ -372,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "when a batch size is flagged. " + CPU_NOTE)
     src = p.add_argument_group("what to check")
     _add_shape_args(src)
-    _add_batch_size_args(src, "the file's batch sizes, else SGLang's 18; 1,8,32 on the CPU interpreter")
+    _add_batch_size_args(src, "the file's batch sizes, else SGLang's 18 (with --replay, those the table has); "
+                              "1,8,32 on the CPU interpreter")
     src.add_argument("--engine", choices=["sglang", "vllm"], default="sglang",
                      help="whose lookup to follow (default sglang)")
     src.add_argument("--config-dir", action="append", default=[], metavar="DIR",

@@ -68,11 +68,16 @@ class Measuring:
     def triton_version(self) -> str:
         return self.session.identity().triton_version
 
-    @property
-    def default_batch_sizes(self) -> list[int] | None:
-        """The replay table's batch sizes, or the interpreter's; None on a GPU."""
-        sizes = self.session.plan.batch_sizes
-        return list(sizes) if sizes is not None else None
+    def default_batch_sizes(self, in_files: Sequence[int], otherwise: Sequence[int] = ()) -> list[int]:
+        """Where to measure when no batch size is given: the files' batch sizes (those a replay table has rows for;
+        all of the table's where it has none of them), or ``otherwise`` without files; the interpreter's (1, 8, 32:
+        it takes seconds a config)."""
+        table = self.session.table
+        if table is not None:
+            return [M for M in in_files if M in table.entries] or list(table.batch_sizes)
+        if self.info.kind == "interpreter":
+            return list(self.session.plan.batch_sizes)
+        return list(in_files) or list(otherwise)
 
     def default_config(self, M: int) -> Config:
         return self.session.backend.default_config(self.spec, M)
@@ -181,7 +186,8 @@ def bench(configs: Sequence[str | os.PathLike] = (), *, spec: ModelSpec | None =
             file SGLang and vLLM would load for this shape (their variables, or the files an installed engine ships).
         spec, model, tp_size, ep_size, dtype: the shape (a replay table's own when neither spec nor model is given).
         replay: take every latency from a recorded table instead of the GPU.
-        batch_sizes: default the files' batch sizes; the table's in replay mode; 1, 8, 32 on the CPU interpreter.
+        batch_sizes: default the files' batch sizes (in replay mode those the table has, else the table's); 1, 8,
+            32 on the CPU interpreter.
         device: CUDA device, e.g. "cuda:1".
         engine: without ``configs``, only this engine's lookup ("sglang" or "vllm").
 
@@ -215,11 +221,8 @@ def bench(configs: Sequence[str | os.PathLike] = (), *, spec: ModelSpec | None =
             else:
                 notes.append(f"{f.path} holds the same entries as {same.path}: measured once")
         files = unique
-        if batch_sizes is not None:
-            Ms = m.check_batch_sizes(batch_sizes)
-        else:
-            Ms = m.default_batch_sizes or sorted({M for table in loaded.values() for M in table})
-            Ms = m.check_batch_sizes(Ms)
+        Ms = m.check_batch_sizes(batch_sizes if batch_sizes is not None else
+                                 m.default_batch_sizes(sorted({M for table in loaded.values() for M in table})))
         defaults = {M: m.measure(m.default_config(M), M) for M in Ms}
         rows = []
         for f in files:

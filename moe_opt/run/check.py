@@ -116,8 +116,8 @@ def check(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: i
     Args:
         model, spec, tp_size, ep_size, dtype: the shape (a replay table's own when neither is given).
         replay: take every latency from a recorded table instead of the GPU.
-        batch_sizes: default the file's batch sizes (SGLang's 18 without a file); the table's in replay mode;
-            1, 8, 32 on the CPU interpreter.
+        batch_sizes: default the file's batch sizes (SGLang's 18 without a file; in replay mode those the table
+            has, else the table's); 1, 8, 32 on the CPU interpreter.
         device: CUDA device, e.g. "cuda:1".
         engine: whose lookup to follow, "sglang" (default) or "vllm".
         config_dirs: folders to look in first, as SGLANG_MOE_CONFIG_DIR / VLLM_TUNED_CONFIG_FOLDER would.
@@ -152,7 +152,7 @@ def check(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: i
         file = found[0] if found else None
         configs = load_tuned_configs(file.path) if file is not None else {}
         Ms = m.check_batch_sizes(batch_sizes if batch_sizes is not None else
-                                 m.default_batch_sizes or sorted(configs) or DEFAULT_BATCH_SIZES)
+                                 m.default_batch_sizes(sorted(configs), DEFAULT_BATCH_SIZES))
         say = (lambda text: print(f"moe-opt check: {text}", file=sys.stderr, flush=True)) if progress else \
             (lambda text: None)
         say(f"{engine} would load {file.label if file else 'no tuned file (its default config everywhere)'}")
