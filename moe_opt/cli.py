@@ -276,6 +276,10 @@ CPU_NOTE = ("Without a GPU it runs Triton's CPU interpreter on a scaled-down sha
             "N = 128) at batch sizes 1, 8, 32 with 4 trials each unless --batch-sizes/--n-trials say otherwise; its "
             "timings are wall-clock interpreter times, not performance numbers, and its files are named "
             "device_name=cpu-interpreter.")
+CPU_MEASURE_NOTE = ("Without a GPU it measures through Triton's CPU interpreter on a scaled-down shape (E <= 8, "
+                    "topk <= 2, K = 256, N = 128) at batch sizes 1, 8, 32 unless --batch-sizes says otherwise, and "
+                    "looks for files named device_name=cpu-interpreter (a CPU tune's); its timings are wall-clock "
+                    "interpreter times, not performance numbers.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "each given file (the nearest batch size's entry) and SGLang's default config, at each "
                             "batch size, on this GPU (or a replay table, or the CPU interpreter). Without CONFIG, "
                             "the file SGLang or vLLM would load for this shape (SGLANG_MOE_CONFIG_DIR, "
-                            "VLLM_TUNED_CONFIG_FOLDER, or the files the installed engine ships). " + CPU_NOTE)
+                            "VLLM_TUNED_CONFIG_FOLDER, or the files the installed engine ships). " + CPU_MEASURE_NOTE)
     p.add_argument("configs", nargs="*", metavar="CONFIG",
                    help="a tuned-config file, or a folder laid out for SGLang (configs/triton_X_Y_Z/) or vLLM")
     src = p.add_argument_group("what to measure")
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "other triton_* folders newest first; the name omits K and topk, so another model's "
                             "file can be loaded), re-measure it against SGLang's default and a short tune, and "
                             "flag the batch sizes where it is slower, with the command that fixes it. Exit code 1 "
-                            "when a batch size is flagged. " + CPU_NOTE)
+                            "when a batch size is flagged. " + CPU_MEASURE_NOTE)
     src = p.add_argument_group("what to check")
     _add_shape_args(src)
     _add_batch_size_args(src, "the file's batch sizes, else SGLang's 18 (with --replay, those the table has); "
