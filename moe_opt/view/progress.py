@@ -16,7 +16,7 @@ from ..measure.base import Measurement
 from ..space import Config
 from ..store.schema import is_counted
 
-PLAIN_INTERVAL_S = 30.0  # between two progress lines in a log, unless a batch size finished meanwhile
+PLAIN_INTERVAL_S = 10.0  # between two progress lines in a log, unless a batch size finished meanwhile
 
 
 def format_duration(seconds: float) -> str:
