@@ -330,3 +330,22 @@ def test_show_aligns_every_column(in_tmp, capsys):
     for line in table[1:]:  # numbers end under their header
         for column, end in ends.items():
             assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (column, line)
+
+
+def test_progress_of_worker_processes_catches_up_from_the_studies():
+    """With --workers the tuning process only reads the studies; in a log it still prints plain lines."""
+    studies = {M: optuna.create_study() for M in (1, 16)}
+    now = [0.0]
+    stream = io.StringIO()
+    bar = Progress(studies, 2, {}, stream=stream, interval_s=10, clock=lambda: now[0])
+    params = Config(16, 32, 64, 1, 4, 3).to_dict()
+    dists = {k: optuna.distributions.IntDistribution(1, 256) for k in params}
+    for M, values in ((1, (12.0, 11.0)), (16, (30.0,))):  # as workers tell them
+        for v in values:
+            studies[M].add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=v))
+    now[0] = 4.0
+    bar.sync(studies)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[1].startswith("moe-opt: M=1 done: 2/2 best 11.0us; 1/2 batch sizes done, 3/4 trials")
+    assert lines[-1] == "moe-opt: 1/2 batch sizes done, 3/4 trials in 4 s"

@@ -114,10 +114,10 @@ class Progress:
             text += f" {self.default_us[M] / best:.2f}x vs default"
         return text
 
-    def _overall(self) -> str:
+    def _overall(self, time_left: bool = True) -> str:
         text = (f"{self.batch_sizes_done()}/{len(self.batch_sizes)} batch sizes done, "
                 f"{self.trials_done()}/{self.total} trials")
-        left = self.seconds_left()
+        left = self.seconds_left() if time_left else None
         if left is not None and left >= 1 and self.trials_done() < self.total:
             text += f", about {format_duration(left)} left"
         return text
@@ -143,9 +143,36 @@ class Progress:
             state = f"{self._state(M).replace(f'M={M} ', f'M={M} done: ', 1)}" if finished else self._state(M)
             print(f"moe-opt: {state}; {self._overall()}", file=self.stream, flush=True)
 
+    def sync(self, studies) -> None:
+        """Catch up with trials other processes told (a tune's worker processes): the counts and best latencies
+        read from the studies, the bar moved or the lines printed as :meth:`update` does."""
+        finished = []
+        for M, study in studies.items():
+            trials = study.get_trials(deepcopy=False)
+            before = self.done.get(M, 0)
+            self.done[M] = sum(1 for t in trials if is_counted(t))
+            values = [t.value for t in trials if t.value is not None]
+            if values:
+                self.best[M] = min(values)
+            if before < self.n_trials <= self.done[M]:
+                finished.append(M)
+        if not self.enabled:
+            return
+        if self.bar is None:
+            for M in finished:
+                self.last_line = self.clock()
+                print(f"moe-opt: {self._state(M).replace(f'M={M} ', f'M={M} done: ', 1)}; {self._overall()}",
+                      file=self.stream, flush=True)
+        if self.bar is not None:
+            self.bar.n = self.trials_done()
+            self.bar.refresh()
+        elif self.clock() - self.last_line >= self.interval_s and self.trials_done() < self.total:
+            self.last_line = self.clock()
+            print(f"moe-opt: {self._overall()}", file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and self.trials_done() > self.initial:
-            print(f"moe-opt: {self._overall()} in {format_duration(self.clock() - self.started)}", file=self.stream,
-                  flush=True)
+            print(f"moe-opt: {self._overall(time_left=False)} in {format_duration(self.clock() - self.started)}",
+                  file=self.stream, flush=True)
