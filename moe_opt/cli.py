@@ -1,47 +1,105 @@
-"""The `moe-opt` command: a thin shell over the Python API (each subcommand is one API call)."""
+"""The `moe-opt` command: a thin shell over the Python API (each subcommand is one API call).
+
+The engines' tuner flags are accepted where they mean the same (SGLang's
+``benchmark/kernels/fused_moe_triton/tuning_fused_moe_triton.py``, vLLM's ``benchmarks/kernels/benchmark_moe.py``):
+``--tp-size``/``-tp``, ``--ep-size``, vLLM's ``--enable-expert-parallel``, ``--dtype auto``, ``--batch-size 1 2 4``,
+``--save-dir`` and ``--tune`` (``moe-opt tune`` tunes; ``moe-opt bench`` is those tuners without ``--tune``).
+Abbreviated options are refused: ``--n`` is not ``--n-trials``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
-from .errors import MoeOptError
+from . import __version__
+from .errors import MoeOptError, TuneError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `yes | head` reports it
+
+# What each command imports before it starts; a Ctrl-C meanwhile is deferred until they are loaded (torch swallows a
+# KeyboardInterrupt raised while it imports numpy, and a Ctrl-C inside its C start-up code makes the interpreter
+# die by SIGINT after our own message).
+_START_UP = {
+    "tune": ("moe_opt.kernel", "optuna", "moe_opt.run.tune"),
+    "bench": ("moe_opt.kernel", "optuna", "moe_opt.run.bench"),
+    "check": ("moe_opt.kernel", "optuna", "moe_opt.run.check"),
+    "show": ("optuna", "pandas", "moe_opt.view.report_data"),
+    "report": ("optuna", "pandas", "plotly", "moe_opt.view.report"),
+    "export": ("optuna", "moe_opt.export.from_storage"),
+    "record": ("optuna", "moe_opt.measure.replay"),
+    "dashboard": ("optuna", "optuna_dashboard", "moe_opt.view.dashboard"),
+    "resolve": ("moe_opt.model.resolve",),
+}
 
 
-def _cmd_resolve(args: argparse.Namespace) -> int:
-    from .model.resolve import resolve_model
+# --- Arguments shared by several commands --------------------------------------------------------------------------
 
-    spec = resolve_model(args.model, tp_size=args.tp, ep_size=args.ep, dtype=args.dtype,
-                         swiglu_limit=args.swiglu_limit,
-                         fuse_shared_experts=not args.no_shared_expert_fusion)
-    if args.json:
-        print(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
-    else:
-        for key, value in spec.to_dict().items():
-            print(f"{key:26s} {value}")
-    return 0
+def _dtype(args: argparse.Namespace) -> str | None:
+    """``--dtype auto`` (the engines' tuners) means: what the model holds."""
+    return None if args.dtype in (None, "auto") else args.dtype
 
 
-def _batch_sizes(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+def _ep(args: argparse.Namespace) -> int:
+    """vLLM's --enable-expert-parallel spreads the experts over all TP ranks: EP size = TP size."""
+    return args.tp if getattr(args, "enable_expert_parallel", False) else args.ep
 
 
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from .run.tune import tune
+def _batch_sizes(args: argparse.Namespace) -> list[str] | None:
+    """--batch-sizes 1,64,4096 and/or --batch-size 1 64 4096 (the engines' spelling), None where neither is given.
 
-    spec = None
-    if args.shape:
-        spec = _shape_spec(args)
-    result = tune(args.model, spec=spec, tp_size=args.tp, ep_size=args.ep, dtype=args.dtype,
-                  swiglu_limit=args.swiglu_limit, batch_sizes=_batch_sizes(args.batch_sizes) or None,
-                  n_trials=args.n_trials, timeout_s=args.timeout, storage=args.storage, sampler=args.sampler,
-                  seed=args.seed, output_dir=None if args.no_export else args.output_dir,
-                  warm_start=not args.no_warm_start, tuned_config_dirs=args.tuned_config_dir,
-                  device=args.device, replay=args.replay, compile_workers=args.compile_workers,
-                  progress=True, n_workers=args.workers, confirm=not args.no_confirm)
-    return 130 if result.interrupted else 1 if result.worker_errors else 0
+    Values are passed on as text; tune() says which one is not a positive integer.
+    """
+    values: list[str] = []
+    given = []
+    if args.batch_sizes is not None:
+        given.append(f"--batch-sizes {args.batch_sizes!r}")
+        values += [part.strip() for part in args.batch_sizes.split(",")]
+    for item in args.batch_size or []:
+        given.append(f"--batch-size {item!r}")
+        values += [part.strip() for part in item.split(",")]
+    if not given:
+        return None
+    values = [v for v in values if v]
+    if not values:
+        raise TuneError(f"{' '.join(given)} gives no batch size; give positive integers such as 1,16,64, or leave "
+                        "the option out for the default batch sizes")
+    return values
+
+
+def _add_shape_args(group, *, replay: bool = True) -> None:
+    group.add_argument("--model", help="Hub id, catalogue name, local directory or config.json")
+    group.add_argument("--shape", help="explicit shape instead of --model: E=..,topk=..,K=..,intermediate=.."
+                                       "[,dtype=fp8_w8a8][,block=128x128]")
+    if replay:
+        group.add_argument("--replay", help="take measurements from a recorded CSV table instead of the GPU")
+    _add_parallel_args(group)
+    group.add_argument("--dtype", default=None,
+                       help="fp8_w8a8, bf16 or fp16; auto (the default) = what the model holds")
+    group.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
+
+
+def _add_parallel_args(group) -> None:
+    group.add_argument("--tp", "--tp-size", "-tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                       help="tensor-parallel size (default 1)")
+    group.add_argument("--ep", "--ep-size", dest="ep", type=int, default=1, help="expert-parallel size (default 1)")
+    group.add_argument("--enable-expert-parallel", "-enable-ep", action="store_true",
+                       help="vLLM's flag: experts spread over all TP ranks (EP size = TP size)")
+
+
+def _add_batch_size_args(group, default: str) -> None:
+    group.add_argument("--batch-sizes", default=None, metavar="M,M,...",
+                       help=f"comma-separated, e.g. 1,64,4096 (default: {default})")
+    group.add_argument("--batch-size", nargs="+", default=None, metavar="M",
+                       help="the engines' spelling: --batch-size 1 64 4096")
 
 
 def _shape_spec(args: argparse.Namespace):
@@ -56,9 +114,121 @@ def _shape_spec(args: argparse.Namespace):
                         "[,block=128x128]") from None
     block = fields.get("block")
     return ModelSpec.from_shape(num_experts=ints["E"], topk=ints["topk"], hidden_size=ints["K"],
-                                intermediate_size=ints["intermediate"], dtype=fields.get("dtype") or args.dtype,
+                                intermediate_size=ints["intermediate"], dtype=fields.get("dtype") or _dtype(args),
                                 block_shape=[int(v) for v in block.split("x")] if block else None,
-                                tp_size=args.tp, ep_size=args.ep, swiglu_limit=args.swiglu_limit)
+                                tp_size=args.tp, ep_size=_ep(args), swiglu_limit=args.swiglu_limit)
+
+
+def _spec(args: argparse.Namespace):
+    """The spec of --shape or --model, or None (a replay table's own)."""
+    if args.shape:
+        return _shape_spec(args)
+    if args.model:
+        from .model.resolve import resolve_model
+
+        return resolve_model(args.model, tp_size=args.tp, ep_size=_ep(args), dtype=_dtype(args),
+                             swiglu_limit=args.swiglu_limit)
+    return None
+
+
+# --- Commands ------------------------------------------------------------------------------------------------------
+
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    from .model.resolve import resolve_model
+
+    spec = resolve_model(args.model, tp_size=args.tp, ep_size=_ep(args), dtype=_dtype(args),
+                         swiglu_limit=args.swiglu_limit,
+                         fuse_shared_experts=not args.no_shared_expert_fusion)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+    else:
+        for key, value in spec.to_dict().items():
+            if key == "dtype" and value is None:  # unquantized: the weights are in the activation dtype
+                value = f"{spec.torch_dtype} (unquantized)"
+            print(f"{key:26s} {value}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .run.tune import tune
+
+    result = tune(args.model if not args.shape else None, spec=_shape_spec(args) if args.shape else None,
+                  tp_size=args.tp, ep_size=_ep(args), dtype=_dtype(args), swiglu_limit=args.swiglu_limit,
+                  batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
+                  storage=args.storage, sampler=args.sampler, seed=args.seed,
+                  output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
+                  tuned_config_dirs=args.tuned_config_dir, device=args.device, replay=args.replay,
+                  compile_workers=args.compile_workers, progress=True, n_workers=args.workers,
+                  confirm=not args.no_confirm)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    if result.worker_errors:
+        return EXIT_FAILED
+    why = _nothing_exported(result, exporting=not args.no_export)
+    if why:
+        print(f"moe-opt tune: error: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _nothing_exported(result, *, exporting: bool) -> str | None:
+    """Why a finished tune has nothing to show for it, or None."""
+    if not result.best:
+        failed = sorted(result.guard)  # with no result, the guard's entries say it gave up there
+        detail = f" (the correctness guard rejected the fastest configs at M={','.join(map(str, failed))})" \
+            if failed else " (every measured config failed to compile or run; the summary above says why)"
+        if not any(result.trials_used.values()):
+            detail = " (no trial was measured: the time limit passed first, or the budget was already spent)"
+        return f"no batch size has a result{detail}; nothing was exported"
+    if exporting and not result.files:
+        return ("nothing was exported: the replay table records no model spec to name the files by; give --model "
+                "or --shape")
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .run.bench import bench, bench_text, save_bench
+
+    if args.tune:
+        raise TuneError("moe-opt bench measures config files; to tune, run moe-opt tune with the same arguments")
+    result = bench(args.configs, spec=_spec(args), replay=args.replay, batch_sizes=_batch_sizes(args),
+                   device=args.device, engine=args.engine)
+    print(bench_text(result))
+    for path in args.output or []:
+        print(f"wrote {save_bench(result, path)}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .run.check import check, check_text
+
+    result = check(spec=_spec(args), replay=args.replay, batch_sizes=_batch_sizes(args), device=args.device,
+                   engine=args.engine, config_dirs=args.config_dir, n_trials=args.n_trials,
+                   tolerance=args.tolerance, progress=True, fix_command=_fix_command(args))
+    print(check_text(result))
+    return EXIT_FAILED if result.flagged else 0
+
+
+def _fix_command(args: argparse.Namespace) -> str:
+    """The `moe-opt tune` command that re-tunes what `moe-opt check` checked."""
+    import shlex
+
+    parts = ["moe-opt", "tune"]
+    if args.shape:
+        parts += ["--shape", args.shape]
+    elif args.model:
+        parts += ["--model", args.model]
+    if args.replay:
+        parts += ["--replay", args.replay]
+    if args.tp != 1:
+        parts += ["--tp", str(args.tp)]
+    if _ep(args) != 1:
+        parts += ["--ep", str(_ep(args))]
+    if _dtype(args) and not args.shape:
+        parts += ["--dtype", _dtype(args)]
+    if args.swiglu_limit is not None:
+        parts += ["--swiglu-limit", f"{args.swiglu_limit:g}"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -98,55 +268,63 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- The parser ----------------------------------------------------------------------------------------------------
+
+STORAGE_HELP = "the studies: a .db or .journal path (e.g. studies/DeepSeek-V4-Flash.db), or a storage URL " \
+               "(sqlite:///..., journal:PATH, postgresql://...)"
+CPU_NOTE = ("Without a GPU it runs Triton's CPU interpreter on a scaled-down shape (E <= 8, topk <= 2, K = 256, "
+            "N = 128) at batch sizes 1, 8, 32 with 4 trials each unless --batch-sizes/--n-trials say otherwise; its "
+            "timings are wall-clock interpreter times, not performance numbers, and its files are named "
+            "device_name=cpu-interpreter.")
+CPU_MEASURE_NOTE = ("Without a GPU it measures through Triton's CPU interpreter on a scaled-down shape (E <= 8, "
+                    "topk <= 2, K = 256, N = 128) at batch sizes 1, 8, 32 unless --batch-sizes says otherwise, and "
+                    "looks for files named device_name=cpu-interpreter (a CPU tune's); its timings are wall-clock "
+                    "interpreter times, not performance numbers.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-opt",
+        prog="moe-opt", allow_abbrev=False,
         description="Tune the Triton fused-MoE kernel's launch configs with Optuna, resumably, and export "
                     "SGLang/vLLM config files.")
+    parser.add_argument("--version", action="version", version=f"moe-opt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("resolve", help="print the MoE layer spec (E, N, K, topk, dtype, swiglu_limit) of a model",
-                       description="Resolve a model id, local directory or config.json into the MoE spec that "
-                                   "tuning uses. Works offline for the bundled catalogue.")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kwargs)
+
+    p = command("resolve", help="print the MoE layer spec (E, N, K, topk, dtype, swiglu_limit) of a model",
+                description="Resolve a model id, local directory or config.json into the MoE spec that tuning "
+                            "uses. Works offline for the bundled catalogue.")
     p.add_argument("model", help="Hub id (e.g. deepseek-ai/DeepSeek-V4-Flash), local directory or config.json path")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    _add_parallel_args(p)
     p.add_argument("--dtype", default=None,
-                   help="quantization to tune: fp8_w8a8, or bf16/fp16 for unquantized (default: from the model)")
+                   help="quantization to tune: fp8_w8a8, or bf16/fp16 for unquantized; auto (the default) = what "
+                        "the model holds")
     p.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
-    p.add_argument("--no-shared-expert-fusion", action="store_true",
+    p.add_argument("--no-shared-expert-fusion", "--disable-shared-experts-fusion", action="store_true",
                    help="do not fuse the shared expert into E/topk (SGLang fuses it for DeepSeek-V3-style models)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_resolve)
 
-    p = sub.add_parser("tune", help="tune a model's fused-MoE configs and export SGLang/vLLM config files",
-                       description="Run one resumable Optuna study per batch size against the timed fused-MoE "
-                                   "kernel, then write config files. Re-running the same command resumes. Ctrl-C "
-                                   "stops after the running trial and keeps everything. Without a GPU it runs "
-                                   "Triton's CPU interpreter on a scaled-down shape (timings are not performance "
-                                   "numbers).")
+    p = command("tune", help="tune a model's fused-MoE configs and export SGLang/vLLM config files",
+                description="Run one resumable Optuna study per batch size against the timed fused-MoE kernel, "
+                            "then write config files. Re-running the same command resumes. Ctrl-C stops after the "
+                            "running trial and keeps everything. " + CPU_NOTE)
     src = p.add_argument_group("what to tune")
-    src.add_argument("--model", help="Hub id, catalogue name, local directory or config.json")
-    src.add_argument("--shape", help="explicit shape instead of --model: E=..,topk=..,K=..,intermediate=.."
-                                     "[,dtype=fp8_w8a8][,block=128x128]")
-    src.add_argument("--replay", help="take measurements from a recorded CSV table instead of the GPU")
-    src.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    src.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
-    src.add_argument("--dtype", default=None, help="fp8_w8a8, bf16 or fp16 (default: from the model)")
-    src.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
+    _add_shape_args(src)
     how = p.add_argument_group("how")
-    how.add_argument("--batch-sizes", default="",
-                     help="comma-separated, e.g. 1,64,4096 (default: SGLang's 18; the table's with --replay)")
+    _add_batch_size_args(how, "SGLang's 18; 1,8,32 on the CPU interpreter; the table's with --replay")
     how.add_argument("--n-trials", type=int, default=None,
                      help="configs measured per batch size, failures included, counted across resumed runs "
-                          "(default 48)")
+                          "(default 48; 4 on the CPU interpreter)")
     how.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     how.add_argument("--sampler", default="moe", choices=["moe", "tpe", "random", "grid"],
                      help="search strategy (default moe; grid = exhaustive)")
     how.add_argument("--seed", type=int, default=None, help="sampler seed")
     how.add_argument("--storage", default=None,
-                     help="Optuna storage URL (default sqlite:///studies/<model>.db); journal:PATH for a file "
-                          "journal; postgresql://... for many hosts")
+                     help="where the studies go: a .db path or sqlite:///PATH.db (default studies/<model>.db); "
+                          "a .journal path or journal:PATH for a file journal; postgresql://... for many hosts")
     how.add_argument("--no-warm-start", action="store_true",
                      help="do not measure SGLang's default and existing tuned configs first")
     how.add_argument("--tuned-config-dir", action="append", default=[],
@@ -161,44 +339,89 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes searching the studies together, one per GPU (default 1); they share a "
                           "journal:PATH or postgresql:// storage (default journal:studies/<model>.journal), not "
                           "SQLite; see docs/operations.md")
+    how.add_argument("--tune", action="store_true",
+                     help="accepted for the engines' tuner command lines (this command always tunes)")
     out = p.add_argument_group("output")
-    out.add_argument("--output-dir", default="moe_configs",
+    out.add_argument("--output-dir", "--save-dir", dest="output_dir", default="moe_configs",
                      help="where config files go (default ./moe_configs): SGLang's configs/triton_X_Y_Z/ "
                           "layout (point SGLANG_MOE_CONFIG_DIR here) and vLLM files (VLLM_TUNED_CONFIG_FOLDER)")
     out.add_argument("--no-export", action="store_true", help="do not write config files")
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("export", help="rebuild SGLang/vLLM config files from a study storage alone",
-                       description="Write the best config of every batch size of every moe_opt study in "
-                                   "STORAGE as SGLang and vLLM config files.")
-    p.add_argument("storage", help="Optuna storage URL, e.g. sqlite:///studies/DeepSeek-V4-Flash.db")
-    p.add_argument("-o", "--output-dir", default="moe_configs", help="default ./moe_configs")
+    p = command("bench", help="measure config files against SGLang's default at each batch size",
+                description="vLLM's benchmark_moe.py without --tune: time the config an engine would pick from "
+                            "each given file (the nearest batch size's entry) and SGLang's default config, at each "
+                            "batch size, on this GPU (or a replay table, or the CPU interpreter). Without CONFIG, "
+                            "the file SGLang or vLLM would load for this shape (SGLANG_MOE_CONFIG_DIR, "
+                            "VLLM_TUNED_CONFIG_FOLDER, or the files the installed engine ships). " + CPU_MEASURE_NOTE)
+    p.add_argument("configs", nargs="*", metavar="CONFIG",
+                   help="a tuned-config file, or a folder laid out for SGLang (configs/triton_X_Y_Z/) or vLLM")
+    src = p.add_argument_group("what to measure")
+    _add_shape_args(src)
+    _add_batch_size_args(src, "the file's batch sizes (with --replay, those the table has); 1,8,32 on the CPU "
+                              "interpreter")
+    src.add_argument("--engine", choices=["sglang", "vllm"], default=None,
+                     help="without CONFIG: only this engine's lookup (default: both)")
+    src.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
+    src.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    src.add_argument("-o", "--output", action="append", metavar="PATH",
+                     help="also write the table as CSV or JSON (by the suffix; repeatable)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = command("check", help="flag batch sizes where the config file the engine loads is slow here",
+                description="Drift check: find the file SGLang (or vLLM) would load for this model on this GPU and "
+                            "Triton version (SGLang: configs/triton_X_Y_Z/<name> for the running Triton, then the "
+                            "other triton_* folders newest first; the name omits K and topk, so another model's "
+                            "file can be loaded), re-measure it against SGLang's default and a short tune, and "
+                            "flag the batch sizes where it is slower, with the command that fixes it. Exit code 1 "
+                            "when a batch size is flagged. " + CPU_MEASURE_NOTE)
+    src = p.add_argument_group("what to check")
+    _add_shape_args(src)
+    _add_batch_size_args(src, "the file's batch sizes, else SGLang's 18 (with --replay, those the table has); "
+                              "1,8,32 on the CPU interpreter")
+    src.add_argument("--engine", choices=["sglang", "vllm"], default="sglang",
+                     help="whose lookup to follow (default sglang)")
+    src.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                     help="look here first, as SGLANG_MOE_CONFIG_DIR / VLLM_TUNED_CONFIG_FOLDER would make the "
+                          "engine do (repeatable; default: those variables, then the installed engine's files)")
+    src.add_argument("--n-trials", type=int, default=16,
+                     help="trials of the short tune per batch size (default 16)")
+    src.add_argument("--tolerance", type=float, default=0.03,
+                     help="flag a batch size where the file is this much slower (default 0.03 = 3%%)")
+    src.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
+    p.set_defaults(func=_cmd_check)
+
+    p = command("export", help="rebuild SGLang/vLLM config files from a study storage alone",
+                description="Write the best config of every batch size of every moe_opt study in "
+                            "STORAGE as SGLang and vLLM config files.")
+    p.add_argument("storage", metavar="STORAGE", help=STORAGE_HELP)
+    p.add_argument("-o", "--output-dir", "--save-dir", dest="output_dir", default="moe_configs",
+                   help="default ./moe_configs")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("record", help="write a replay table (CSV) from the trials in a study storage",
-                       description="Turn the trials of moe_opt studies (typically an exhaustive --sampler grid "
-                                   "tune) into a replay table for `moe-opt tune --replay`.")
-    p.add_argument("storage", help="Optuna storage URL")
+    p = command("record", help="write a replay table (CSV) from the trials in a study storage",
+                description="Turn the trials of moe_opt studies (typically an exhaustive --sampler grid "
+                            "tune) into a replay table for `moe-opt tune --replay`.")
+    p.add_argument("storage", metavar="STORAGE", help=STORAGE_HELP)
     p.add_argument("-o", "--output", required=True, help="CSV path to write")
     p.set_defaults(func=_cmd_record)
 
-    p = sub.add_parser("dashboard", help="watch and explore the studies in optuna-dashboard (a local web page)",
-                       description="Start optuna-dashboard on a study storage and print its URL. Each study shows "
-                                   "its shape and device as user attributes and a note with the best config, its "
-                                   "latency, SGLang's default and the speedup. Ctrl-C stops.")
-    p.add_argument("storage", nargs="?", default=None,
-                   help="Optuna storage URL or .db path (default: the most recently modified studies/*.db or "
-                        "studies/*.journal)")
+    p = command("dashboard", help="watch and explore the studies in optuna-dashboard (a local web page)",
+                description="Start optuna-dashboard on a study storage and print its URL. Each study shows "
+                            "its shape and device as user attributes and a note with the best config, its "
+                            "latency, SGLang's default and the speedup. Ctrl-C stops.")
+    p.add_argument("storage", metavar="STORAGE", nargs="?", default=None,
+                   help=STORAGE_HELP + " (default: the most recently modified studies/*.db or studies/*.journal)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 = any free port)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or '' for all)")
     p.set_defaults(func=_cmd_dashboard)
 
-    p = sub.add_parser("report", help="write an offline HTML report with plots, plus the summary as CSV/Markdown",
-                       description="One self-contained HTML page per storage (plotly.js embedded): latency and "
-                                   "speedup by batch size, search progress, parameter importance and achieved "
-                                   "bandwidth, per shape. report.csv and report.md are written beside it.")
-    p.add_argument("storage", help="Optuna storage URL or .db path")
+    p = command("report", help="write an offline HTML report with plots, plus the summary as CSV/Markdown",
+                description="One self-contained HTML page per storage (plotly.js embedded): latency and "
+                            "speedup by batch size, search progress, parameter importance and achieved "
+                            "bandwidth, per shape. report.csv and report.md are written beside it.")
+    p.add_argument("storage", metavar="STORAGE", help=STORAGE_HELP)
     p.add_argument("-o", "--output", default="report.html", help="HTML path (default ./report.html)")
     p.add_argument("--table", default=None, help="recorded grid table (CSV) whose optimum the report compares with")
     p.add_argument("--copy-bandwidth-gbps", type=float, default=None,
@@ -206,26 +429,78 @@ def build_parser() -> argparse.ArgumentParser:
                         "~4300 for H200)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("show", help="print the summary table: best config, latency, default, speedup per M",
-                       description="Per shape and batch size M: best config, its latency, SGLang's default "
-                                   "latency, speedup, trials and failures.")
-    p.add_argument("storage", help="Optuna storage URL or .db path")
+    p = command("show", help="print the summary table: best config, latency, default, speedup per M",
+                description="Per shape and batch size M: best config, its latency, SGLang's default "
+                            "latency, speedup, trials and failures.")
+    p.add_argument("storage", metavar="STORAGE", help=STORAGE_HELP)
     p.add_argument("--table", default=None, help="recorded grid table (CSV) to add the grid optimum column")
     p.set_defaults(func=_cmd_show)
     return parser
 
 
+# --- Running a command ---------------------------------------------------------------------------------------------
+
+class _DeferredInterrupt:
+    """While a command loads its modules, a first Ctrl-C is remembered, not raised, and raised once they are loaded:
+    a KeyboardInterrupt inside an import may be swallowed (torch importing numpy) or leave the interpreter set to
+    die by SIGINT. A second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._old = None
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if self.count and exc_type is None:
+            raise KeyboardInterrupt("interrupted during start-up; nothing was done")
+
+
+def _start_up(command: str) -> None:
+    import importlib
+
+    with _DeferredInterrupt():
+        for module in _START_UP.get(command, ()):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # the command itself says what is missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run ``moe-opt`` with ``argv`` (default: the command line); returns the exit code."""
+    command = "moe-opt"
     try:
-        return int(args.func(args) or 0)
+        args = build_parser().parse_args(argv)
+        command = f"moe-opt {args.command}"
+        _start_up(args.command)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except MoeOptError as exc:
-        print(f"moe-opt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
-        print(f"moe-opt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        print(f"{command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`moe-opt show ... | head`): say nothing more, and keep Python's exit-time flush of
+        # stdout from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -182,3 +182,17 @@ def test_bad_storage_and_port_are_one_line_errors(tmp_path):
         start_dashboard(other, port=0)
     with pytest.raises(TuneError, match=r"port 70000 is not a port number; give an integer 1\.\.65535, or 0"):
         start_dashboard(other, port=70000)
+
+
+def test_study_cards_show_their_batch_size_first(replay_db, browser, screenshot):
+    with start_dashboard(replay_db, port=0) as handle:
+        browser.get(handle.url)
+        _wait_for_text(browser, ["M = 4096", "M = 1024", "M = 1\n"])
+        badges = browser.execute_script("return [...document.querySelectorAll('.MuiCard-root .moe-opt-m')]"
+                                        ".map(b => b.textContent)")
+        assert sorted(badges) == sorted(f"M = {M}" for M in (1, 16, 64, 256, 1024, 4096))
+        # The full name is still on each card, set to wrap between fields rather than anywhere.
+        style = browser.execute_script("const t = document.querySelector('.MuiCard-root .MuiTypography-h5');"
+                                       "return [t.textContent, getComputedStyle(t).wordBreak]")
+        assert style[0].split(". ", 1)[1] in _study_names(replay_db) and style[1] == "normal"
+        screenshot(browser, "dashboard_cards.png")

@@ -164,3 +164,33 @@ def test_cli_reports_bad_input_on_one_line(tmp_path, capsys):
     assert main(["show", str(tmp_path / "missing.db")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moe-opt show: error: storage") and "\n" not in err
+
+
+def test_an_interpreter_report_marks_every_plot_and_reads_without_cut_names(tmp_path, browser, screenshot):
+    url = f"sqlite:///{tmp_path / 'interp.db'}"
+    spec = SMALL.replace(model="deepseek-ai/DeepSeek-V4-Flash", swiglu_limit=10.0)
+    moe_opt.tune(spec=spec, measurer=InterpreterLike(), batch_sizes=[1, 8, 32], n_trials=4, storage=url,
+                 output_dir=None, progress=False)
+    path = moe_opt.report(url, tmp_path / "report.html")
+    browser.get(path.resolve().as_uri())
+    plots = _wait(browser, """
+        const plots = [...document.querySelectorAll('.js-plotly-plot')];
+        if (plots.length < 5 || plots.some(p => !p._fullLayout)) return null;
+        return plots.map(p => ({title: p.layout.title.text, notes: (p.layout.annotations || []).map(a => a.text),
+                                dtick: p._fullLayout.xaxis.dtick}));""")
+    assert all(p["title"].endswith("(CPU interpreter)") for p in plots), plots
+    assert all("CPU interpreter: NOT performance numbers" in p["notes"] for p in plots)
+    assert plots[1]["title"].startswith("Ratio of interpreter times")  # not a "speedup"
+    assert any("no bandwidth: interpreter times are CPU wall-clock times" in n for n in plots[4]["notes"])
+    assert plots[2]["dtick"] == 1  # trial numbers 1, 2, 3, 4: no 1.5
+    headers = browser.execute_script("return [...document.querySelectorAll('table.summary th')].map(t => t.textContent)")
+    assert "interpreter time (µs) *" in headers and "ratio *" in headers and "speedup" not in headers
+    # The heading wraps between fields, never inside one; the study names wrap instead of running off the page.
+    tokens = browser.execute_script("return [...document.querySelectorAll('h2 .tok')].map(t => t.textContent)")
+    assert "block=[128,128]," in tokens and "swiglu_limit=10" in tokens
+    browser.set_window_size(700, 1000)
+    assert browser.execute_script("const c = document.querySelector('code.names');"
+                                  "return c.getBoundingClientRect().right <= document.documentElement.clientWidth")
+    assert "PED-ANOVA" in browser.page_source
+    browser.set_window_size(1400, 1000)
+    screenshot(browser, "report_interpreter.png")

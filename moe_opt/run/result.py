@@ -65,7 +65,11 @@ class TuneResult:
         return math.exp(sum(map(math.log, s)) / len(s)) if s else None
 
     def trials_dataframe(self):
-        """All trials of all batch sizes as one pandas DataFrame, with a column M."""
+        """All trials of all batch sizes as one pandas DataFrame, with a column M.
+
+        The latency is in ``value`` (Optuna's own column name) and, as optuna-dashboard names the objective,
+        ``value_latency_us``; both in microseconds.
+        """
         import optuna
         import pandas as pd
 
@@ -76,5 +80,7 @@ class TuneResult:
         for M, name in sorted(self.study_names.items()):
             df = optuna.load_study(study_name=name, storage=storage).trials_dataframe()
             df.insert(0, "M", M)
+            if "value" not in df.columns and "value_latency_us" in df.columns:  # the study names its objective
+                df.insert(df.columns.get_loc("value_latency_us"), "value", df["value_latency_us"])
             frames.append(df)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import sys
 import tempfile
 from typing import Any, Callable
 
@@ -90,8 +89,6 @@ def run_workers(target: Callable, plan: Any, devices: list[str | None], studies:
 
 def _run(target: Callable, paths: list[str], devices: list[str | None], studies: dict, n_trials: int,
          progress: bool) -> tuple[bool, list[str]]:
-    from ..store.schema import is_counted
-
     n_workers = len(paths)
     ctx = multiprocessing.get_context("spawn")
     stop_event = ctx.Event()
@@ -111,12 +108,9 @@ def _run(target: Callable, paths: list[str], devices: list[str | None], studies:
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from ..view.progress import Progress
 
-        bar = tqdm(total=n_trials * len(studies), unit="trial", file=sys.stderr, dynamic_ncols=True,
-                   desc=f"{n_workers} workers")
+    bar = Progress(studies, n_trials, {}, enabled=progress)  # a bar on a terminal, plain lines in a log
     try:
         with StopFlag() as flag:
             while any(p.is_alive() for p in procs):
@@ -124,11 +118,7 @@ def _run(target: Callable, paths: list[str], devices: list[str | None], studies:
                     stop_event.set()
                 for p in procs:
                     p.join(POLL_S / len(procs))
-                if bar is not None:
-                    done = sum(min(n_trials, sum(map(is_counted, s.get_trials(deepcopy=False))))
-                               for s in studies.values())
-                    bar.n = done
-                    bar.refresh()
+                bar.sync(studies)
             interrupted = flag.stop
     except KeyboardInterrupt:
         for p in procs:
@@ -137,7 +127,6 @@ def _run(target: Callable, paths: list[str], devices: list[str | None], studies:
             p.join(10)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     errors = [f"worker {i} exited with code {p.exitcode}" for i, p in enumerate(procs) if p.exitcode]
     return interrupted, errors

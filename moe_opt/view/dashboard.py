@@ -12,7 +12,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import TuneError
 
@@ -27,7 +27,7 @@ def latest_storage(studies_dir: str | Path = STUDIES_DIR) -> str:
 
     Example:
         >>> latest_storage("studies")  # doctest: +SKIP
-        'sqlite:///studies/DeepSeek-V4-Flash_tp8.db'
+        'sqlite:///studies/DeepSeek-V4-Flash.db'
     """
     found = sorted((p for pattern in ("*.db", "*.journal") for p in Path(studies_dir).glob(pattern) if p.is_file()),
                    key=lambda p: p.stat().st_mtime)
@@ -85,6 +85,73 @@ def _fill_notes(store: Any, infos: list) -> int:
     return written
 
 
+# optuna-dashboard's study cards show the study name, in 24-pixel type with `word-break: break-all`: a 110-character
+# moe_opt name breaks mid-token over four lines, and its batch size, last, is what differs from card to card. The
+# page we serve gets smaller type for the name and, above it, the batch size read from the name's `|M=<M>` end, in
+# large type (a node added beside the app's own, which the app neither knows nor touches; selectors are MUI's public
+# class names). The study name itself is unchanged: it is the study's identity (store/identity.py).
+STUDY_CARD_CSS = (".MuiCard-root .MuiCardContent-root .MuiTypography-h5{word-break:normal!important;"
+                  "overflow-wrap:anywhere;font-size:0.95rem;line-height:1.45;color:#555}"
+                  ".moe-opt-m{font-size:1.6rem;font-weight:600;color:#1f5fbf;line-height:1.3}")
+STUDY_CARD_JS_PATH = "/moe-opt/study-cards.js"
+STUDY_CARD_JS = """
+(() => {
+  const label = () => document.querySelectorAll('.MuiCard-root .MuiCardContent-root').forEach(content => {
+    const title = content.querySelector('.MuiTypography-h5');
+    const m = title && /[|]M=(\\d+)$/.exec(title.textContent.trim());
+    let badge = content.querySelector(':scope > .moe-opt-m');
+    if (!m) { if (badge) badge.remove(); return; }
+    if (!badge) {
+      badge = document.createElement('div');
+      badge.className = 'moe-opt-m';
+      content.insertBefore(badge, content.firstChild);
+    }
+    if (badge.textContent !== 'M = ' + m[1]) badge.textContent = 'M = ' + m[1];
+  });
+  const start = () => { label(); new MutationObserver(label).observe(document.body, {childList: true, subtree: true}); };
+  document.readyState === 'loading' ? document.addEventListener('DOMContentLoaded', start) : start();
+})();
+"""
+
+
+def readable_study_names(app: Callable) -> Callable:
+    """Wrap optuna-dashboard's WSGI app so that its HTML page carries :data:`STUDY_CARD_CSS` and
+    :data:`STUDY_CARD_JS` (nothing else changes: API and static responses pass through untouched)."""
+
+    script = STUDY_CARD_JS.encode()
+
+    def wrapped(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == STUDY_CARD_JS_PATH:  # a file of its own: the page's Content-Security-Policy refuses inline scripts
+            start_response("200 OK", [("Content-Type", "text/javascript; charset=utf-8"),
+                                      ("Content-Length", str(len(script)))])
+            return [script]
+        if path.startswith(("/api/", "/static/")):
+            return app(environ, start_response)
+        captured: dict[str, Any] = {}
+
+        def capture(status, headers, exc_info=None):
+            captured.update(status=status, headers=headers, exc_info=exc_info)
+            return lambda data: None  # optuna-dashboard (bottle) returns its body; it never calls write()
+
+        body = app(environ, capture)
+        try:
+            chunks = b"".join(body)
+        finally:
+            getattr(body, "close", lambda: None)()
+        headers = captured["headers"]
+        html = any(k.lower() == "content-type" and v.startswith("text/html") for k, v in headers)
+        if html and b"</head>" in chunks:
+            extra = f"<style>{STUDY_CARD_CSS}</style><script defer src='{STUDY_CARD_JS_PATH}'></script></head>"
+            chunks = chunks.replace(b"</head>", extra.encode(), 1)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(chunks))))
+        start_response(captured["status"], headers, captured["exc_info"])
+        return [chunks]
+
+    return wrapped
+
+
 def _make_server(storage: Any, host: str, port: int):
     """A threaded WSGI server (as ``optuna-dashboard`` itself runs) bound to host:port, with quiet request logs."""
     from socketserver import ThreadingMixIn
@@ -107,7 +174,8 @@ def _make_server(storage: Any, host: str, port: int):
             pass
 
     try:
-        server = make_server(host, port, wsgi(store), server_class=Server, handler_class=QuietHandler)
+        server = make_server(host, port, readable_study_names(wsgi(store)), server_class=Server,
+                             handler_class=QuietHandler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise TuneError(f"port {port} on {host} is in use; pass a free port with --port (e.g. {port + 1}), "
@@ -116,10 +184,26 @@ def _make_server(storage: Any, host: str, port: int):
             raise TuneError(f"cannot listen on host {host!r}: {exc.strerror or exc}; use 127.0.0.1 (this machine "
                             "only) or 0.0.0.0 (all interfaces)") from None
         raise TuneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    bound_port = server.server_address[1]
-    shown_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    bound_host, bound_port = server.server_address[:2]
+    # A wildcard address ("" or 0.0.0.0 binds every interface) is no place to browse to: this machine reaches it as
+    # 127.0.0.1, other machines by this host's name.
+    shown_host = "127.0.0.1" if bound_host in ("", "0.0.0.0") else bound_host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     return server, f"http://{shown_host}:{bound_port}/dashboard", url, infos
+
+
+def listening(server) -> str:
+    """Where a server listens, as a person reads it: ``127.0.0.1:8080``, or ``every interface (0.0.0.0:8080)``.
+
+    Example:
+        >>> class Bound: server_address = ("0.0.0.0", 8080)
+        >>> listening(Bound())
+        'every interface (0.0.0.0:8080)'
+    """
+    host, port = server.server_address[:2]
+    if host in ("", "0.0.0.0", "::"):
+        return f"every interface ({host or '0.0.0.0'}:{port})"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def start_dashboard(storage: Any = None, *, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST) -> DashboardHandle:
@@ -164,16 +248,22 @@ def dashboard(storage: Any = None, *, port: int = DEFAULT_PORT, host: str = DEFA
 
     Example:
         >>> import moe_opt
-        >>> moe_opt.dashboard("sqlite:///studies/DeepSeek-V4-Flash_tp8.db", port=8080)  # doctest: +SKIP
-        moe-opt dashboard: 18 studies (1 shape) in sqlite:///studies/DeepSeek-V4-Flash_tp8.db
-        moe-opt dashboard: open http://127.0.0.1:8080/dashboard (Ctrl-C stops)
+        >>> moe_opt.dashboard("sqlite:///studies/DeepSeek-V4-Flash.db", port=8080)  # doctest: +SKIP
+        moe-opt dashboard: 18 studies (1 shape) in sqlite:///studies/DeepSeek-V4-Flash.db
+        moe-opt dashboard: open http://127.0.0.1:8080/dashboard (listening on 127.0.0.1:8080 only; Ctrl-C stops)
     """
     picked = storage is None
     server, address, url, infos = _make_server(latest_storage() if picked else storage, host, port)
     shapes = len({i.base for i in infos})
     how = " (the most recently modified storage in studies/)" if picked else ""
     print(f"moe-opt dashboard: {len(infos)} studies ({shapes} shape{'s' * (shapes != 1)}) in {url}{how}", flush=True)
-    print(f"moe-opt dashboard: open {address} (Ctrl-C stops)", flush=True)
+    bound = listening(server)
+    if bound.startswith("every interface"):
+        port = server.server_address[1]
+        print(f"moe-opt dashboard: open {address} (listening on {bound}: from another machine open "
+              f"http://{socket.gethostname()}:{port}/dashboard; Ctrl-C stops)", flush=True)
+    else:
+        print(f"moe-opt dashboard: open {address} (listening on {bound} only; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ copy bandwidth. The data come from report_data.py; plotly and pandas are importe
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,20 +58,41 @@ def _eta_squared(trials: list, param: str) -> float:
     return sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values()) / total
 
 
+def _trial_step(n: int) -> int:
+    """The tick step of a trial-number axis: 1, 2, 5, 10, 20, ..., the smallest giving at most ten ticks (a trial
+    number is never 2.5).
+
+    Example:
+        >>> _trial_step(4), _trial_step(48), _trial_step(200)
+        (1, 5, 20)
+    """
+    steps = [m * 10 ** e for e in range(7) for m in (1, 2, 5)]
+    return next((step for step in steps if n / step <= 10), steps[-1])
+
+
 def _figures(shape: Shape, df, copy_gbps: float | None) -> list:
     import plotly.graph_objects as go
 
     Ms = sorted(shape.infos)
     rows = df.set_index("M")
-    layout = dict(template="plotly_white", height=420, margin=dict(l=70, r=30, t=90, b=60),
-                  legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="left", x=0), hovermode="x unified")
+    perf = shape.first.is_performance
+    layout = dict(template="plotly_white", height=420, margin=dict(l=70, r=30, t=110, b=60),
+                  legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0), hovermode="x unified")
 
     def fig(title: str, subtitle: str, **axes) -> "go.Figure":
-        return go.Figure(layout=dict(layout, title=dict(text=title, subtitle=dict(text=subtitle)), **axes))
+        if not perf:
+            title += " (CPU interpreter)"
+        figure = go.Figure(layout=dict(layout, title=dict(text=title, subtitle=dict(text=subtitle)), **axes))
+        if not perf:  # across the plot, so that a cropped screenshot still says it
+            figure.add_annotation(text="CPU interpreter: NOT performance numbers", xref="paper", yref="paper",
+                                  x=0.5, y=0.5, showarrow=False, textangle=-12,
+                                  font=dict(size=24, color="rgba(214, 39, 40, 0.35)"))
+        return figure
 
     ticks = _log_ticks(list(rows["latency_us"]) + list(rows["default_us"]) + list(shape.grid_us.values()))
     lat = fig("Latency by batch size", "lower is better; hover for the configs", xaxis=_m_axis(Ms), yaxis=dict(
-        type="log", title="latency per call (µs)", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks]))
+        type="log", title="latency per call (µs)" if perf else "interpreter wall-clock time per call (µs)",
+        tickvals=ticks, ticktext=[f"{t:g}" for t in ticks]))
     lat.add_scatter(x=Ms, y=rows["latency_us"], name="tuned (best found)", mode="lines+markers",
                     line=dict(color=TUNED, width=3), customdata=rows["best_config"],
                     hovertemplate="%{y:.2f} µs  %{customdata}")
@@ -82,8 +104,12 @@ def _figures(shape: Shape, df, copy_gbps: float | None) -> list:
                         mode="markers", marker=dict(color=GRID, symbol="x", size=10),
                         hovertemplate=f"%{{y:.2f}} µs ({shape.grid_source})")
 
-    sp = fig("Speedup over SGLang's default config", "default latency / tuned latency; above 1 = tuned is faster",
-             xaxis=_m_axis(Ms), yaxis=dict(title="speedup (×)", rangemode="tozero"))
+    if perf:
+        sp = fig("Speedup over SGLang's default config", "default latency / tuned latency; above 1 = tuned is faster",
+                 xaxis=_m_axis(Ms), yaxis=dict(title="speedup (×)", rangemode="tozero"))
+    else:
+        sp = fig("Ratio of interpreter times", "default / tuned interpreter time: not a speedup on any GPU",
+                 xaxis=_m_axis(Ms), yaxis=dict(title="ratio of interpreter times (×)", rangemode="tozero"))
     sp.add_hline(y=1, line=dict(color=DEFAULT, dash="dot"))
     sp.add_scatter(x=Ms, y=rows["speedup"], name="tuned", mode="lines+markers", line=dict(color=TUNED, width=3),
                    hovertemplate="%{y:.3f}×")
@@ -93,8 +119,10 @@ def _figures(shape: Shape, df, copy_gbps: float | None) -> list:
                        hovertemplate="%{y:.3f}×")
 
     ref = "the grid optimum" if len(grid_Ms) == len(Ms) else "the final best"
+    n_trials = max([len(shape.trials[M]) for M in Ms] + [1])
     hist = fig("Search progress per batch size", f"best latency so far, in % above {ref}; flat at 0 = converged",
-               xaxis=dict(title="trial number (failed trials included)"),
+               xaxis=dict(title="trial number (failed trials included)", tick0=0, dtick=_trial_step(n_trials),
+                          tickformat="d"),
                yaxis=dict(title=f"best so far: % above {ref}", rangemode="tozero"))
     hist.update_layout(hovermode="closest", height=480, margin=dict(b=120),
                        legend=dict(orientation="h", y=-0.2, yanchor="top", x=0, entrywidth=70, title="M"))
@@ -116,7 +144,8 @@ def _figures(shape: Shape, df, copy_gbps: float | None) -> list:
     z = [[_eta_squared(shape.complete(M), p) for M in Ms] for p in PARAM_NAMES]
     # η² from the sampled trials, which are not uniform samples of the grid: a hint at what matters, not a measure.
     imp = fig("Parameter importance (η²)",
-              "share of log-latency variance each parameter explains alone (– = not varied)",
+              "share of log-latency variance each parameter explains alone (– = not varied); "
+              "optuna-dashboard's differs, see below",
               xaxis=dict(title="batch size M (tokens)", type="category"), yaxis=dict(autorange="reversed"))
     imp.add_heatmap(x=[str(M) for M in Ms], y=list(PARAM_NAMES), z=z, zmin=0, zmax=1, colorscale="Blues",
                     text=[[f"{v:.2f}" if v == v else "–" for v in row] for row in z], texttemplate="%{text}",
@@ -143,6 +172,11 @@ def _figures(shape: Shape, df, copy_gbps: float | None) -> list:
         bw.add_hline(y=gbps, line=dict(color="#d62728", dash="dash"), annotation_position="bottom right",
                      annotation_text=label + " (device-to-device, read + write)")
     bw.update_yaxes(range=[0, top * 1.15])
+    if not df["gbps"].notna().any():
+        why = ("no bandwidth: interpreter times are CPU wall-clock times, not GPU kernel times" if not perf else
+               "no bandwidth: the studies record no shape to count the bytes of a call")
+        bw.add_annotation(text=why, xref="paper", yref="paper", x=0.5, y=0.8, showarrow=False,
+                          font=dict(size=14, color="#444"))
     return [lat, sp, hist, imp, bw]
 
 
@@ -157,6 +191,37 @@ def _banner(shape: Shape) -> str:
     return ""
 
 
+IMPORTANCE_NOTE = (
+    "<p class='note'><b>Two importances.</b> The heatmap above is η², the share of the variance of log latency that "
+    "a parameter explains on its own, over the trials the search chose (not uniform samples of the grid, so a hint "
+    "of what mattered). optuna-dashboard's <i>Hyperparameter Importance</i> is Optuna's PED-ANOVA: which parameters "
+    "set the best 10% of trials apart from the rest. They answer different questions from the same trials, so they "
+    "can rank the parameters differently; neither is wrong.</p>")
+
+
+def _heading(shape: Shape) -> str:
+    """The shape as a heading that wraps between its fields, never inside one (``block=[128,128]`` stays whole)."""
+    import html
+
+    model = shape.first.attrs.get("model") or ""
+    fields = re.split(r",(?![^\[]*\])", shape.base.split("|")[1])  # not inside block=[128,128]
+    tokens = "".join(f"<span class='tok'>{html.escape(f)}{',' if i < len(fields) - 1 else ''}</span> "
+                     for i, f in enumerate(fields))
+    return f"<h2>{f'<span class=tok>{html.escape(model)}</span> ' if model else ''}{tokens.strip()}</h2>"
+
+
+def _study_names(shape: Shape) -> str:
+    """The full study name pattern, breakable after each ``|`` and ``,`` so a narrow window wraps it, never cuts it."""
+    import html
+
+    name = html.escape(f"{shape.base}|M=<M>")
+    return f"<code class='names'>{name.replace('|', '|<wbr>').replace(',', ',<wbr>')}</code>"
+
+
+NOT_PERF_COLUMNS = {"latency (µs)": "interpreter time (µs) *", "SGLang default (µs)": "SGLang default, interpreter (µs) *",
+                    "speedup": "ratio *"}
+
+
 def _page(shapes: list[Shape], df, url: str, copy_gbps: float | None) -> str:
     import html
     import time
@@ -169,7 +234,8 @@ def _page(shapes: list[Shape], df, url: str, copy_gbps: float | None) -> str:
            ".note{background:#eef3fb;border-left:5px solid #1f5fbf;padding:8px 12px}"
            "table.summary{border-collapse:collapse;font-size:13px}table.summary td,table.summary th"
            "{border:1px solid #ddd;padding:3px 8px;text-align:right}table.summary td:nth-child(2){text-align:left}"
-           "code{font-size:13px}h2{margin-top:40px}")
+           "table.notperf td{color:#777;font-style:italic}.foot{font-size:13px;color:#a11}"
+           ".tok{white-space:nowrap}code{font-size:13px}code.names{overflow-wrap:anywhere}h2{margin-top:40px}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>moe_opt report</title><style>{css}</style>"
              f"</head><body><h1>moe_opt tuning report</h1><p>Storage <code>{html.escape(url)}</code>, "
              f"{len(df)} batch sizes in {len(shapes)} shape(s); written {time.strftime('%Y-%m-%d %H:%M')}.</p>"]
@@ -180,18 +246,23 @@ def _page(shapes: list[Shape], df, url: str, copy_gbps: float | None) -> str:
                       "failures", "gbps"]].dropna(axis=1, how="all").rename(columns={
                           "latency_us": "latency (µs)", "default_us": "SGLang default (µs)", "gbps": "GB/s",
                           "grid_best_us": "grid optimum (µs)", "best_config": "best config"})
-        parts.append(f"<h2>{html.escape(info.attrs.get('model') or '')} {html.escape(shape.base.split('|')[1])}</h2>"
-                     f"<p>{html.escape(info.device_name)}, Triton {html.escape(info.triton_version)}; "
-                     f"{html.escape(str(info.attrs.get('measurement', '')))}. Study names: "
-                     f"<code>{html.escape(shape.base)}|M=…</code></p>{_banner(shape)}")
-        parts.append(shown.to_html(index=False, classes="summary", border=0, na_rep="–",
-                                   float_format=lambda v: f"{v:.2f}"))
+        if not info.is_performance:
+            shown = shown.rename(columns=NOT_PERF_COLUMNS)
+        parts.append(f"{_heading(shape)}<p>{html.escape(info.device_name)}, Triton "
+                     f"{html.escape(info.triton_version)}; {html.escape(str(info.attrs.get('measurement', '')))}. "
+                     f"Study names: {_study_names(shape)}</p>{_banner(shape)}")
+        parts.append(shown.to_html(index=False, classes="summary" + ("" if info.is_performance else " notperf"),
+                                   border=0, na_rep="–", float_format=lambda v: f"{v:.2f}"))
+        if not info.is_performance:
+            parts.append("<p class='foot'>* wall-clock times of Triton's CPU interpreter on a scaled-down shape, and "
+                         "their ratios: not performance numbers, and not a speedup on any GPU.</p>")
         parts.append("<div class='grid'>")
         for figure in _figures(shape, part, copy_gbps):
             parts.append(figure.to_html(full_html=False, include_plotlyjs=first,
                                          config={"displaylogo": False, "responsive": True}))
             first = False
         parts.append("</div>")
+        parts.append(IMPORTANCE_NOTE)
     # Plots drawn while the page still loads can take a stale width; redraw them once the grid is laid out.
     parts.append("<script>window.addEventListener('load',()=>document.querySelectorAll('.js-plotly-plot')"
                  ".forEach(p=>Plotly.Plots.resize(p)));</script></body></html>")

@@ -187,8 +187,8 @@ def summary(storage: Any, *, table: str | Path | None = None):
         pandas DataFrame with columns ``SUMMARY_COLUMNS`` (latencies in microseconds, ``gbps`` in GB/s).
 
     Example:
-        >>> from moe_opt.report import summary
-        >>> summary("sqlite:///studies/DeepSeek-V4-Flash_tp8.db")[["M", "latency_us", "speedup"]]  # doctest: +SKIP
+        >>> from moe_opt import summary
+        >>> summary("sqlite:///studies/DeepSeek-V4-Flash.db")[["M", "latency_us", "speedup"]]  # doctest: +SKIP
     """
     import pandas as pd
 
@@ -200,7 +200,7 @@ def summary_text(df) -> str:
     """The summary as ``moe-opt show`` prints it: one block per shape, numbers rounded.
 
     Example:
-        >>> print(summary_text(summary("studies/DeepSeek-V4-Flash_tp8.db")))  # doctest: +SKIP
+        >>> print(summary_text(summary("studies/DeepSeek-V4-Flash.db")))  # doctest: +SKIP
     """
     blocks = []
     for (model, shape, device, triton, measurement), part in df.groupby(
@@ -211,13 +211,33 @@ def summary_text(df) -> str:
         cols = ["M", "best_config", "latency_us", "default_us", "speedup", "trials", "failures"]
         if part["grid_best_us"].notna().any():
             cols.insert(4, "grid_best_us")
-        body = part[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
+        body = _aligned(part[cols])
         speedups = [v for v in part["speedup"] if v == v]
         if speedups:
-            body += (f"\ngeometric-mean speedup over SGLang's default: "
-                     f"{math.exp(sum(map(math.log, speedups)) / len(speedups)):.3f}x")
+            g = math.exp(sum(map(math.log, speedups)) / len(speedups))
+            body += (f"\ngeometric-mean speedup over SGLang's default: {g:.3f}x" if part["is_performance"].all()
+                     else f"\ngeometric-mean ratio of interpreter times: {g:.3f}x (not a speedup on any GPU)")
         blocks.append(f"{head}\n{body}")
     return "\n\n".join(blocks)
+
+
+def _aligned(df) -> str:
+    """A plain-text table: text columns (the config) left-aligned, numbers right-aligned, two spaces between
+    columns, whatever the widths (pandas right-aligns text, so a wide config touched the batch size beside it)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.2f}"
+        return str(v)
+
+    columns = list(df.columns)
+    cells = [[cell(v) for v in row] for row in df.itertuples(index=False)]
+    left = [any(isinstance(v, str) for v in df[c]) for c in columns]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+
+    def line(values) -> str:
+        return "  ".join(v.ljust(w) if lft else v.rjust(w) for v, w, lft in zip(values, widths, left)).rstrip()
+
+    return "\n".join([line(columns)] + [line(row) for row in cells])
 
 
 def markdown_table(df) -> str:
