@@ -83,7 +83,8 @@ def _add_shape_args(group, *, replay: bool = True) -> None:
         group.add_argument("--replay", help="take measurements from a recorded CSV table instead of the GPU")
     _add_parallel_args(group)
     group.add_argument("--dtype", default=None,
-                       help="fp8_w8a8, bf16 or fp16; auto (the default) = what the model holds")
+                       help="fp8_w8a8, int8_w8a8, int8_w8a16, int4_w4a16, bf16 or fp16; auto (the default) = what "
+                            "the model's config says (docs/models.md)")
     group.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
 
 
@@ -159,7 +160,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
                   tuned_config_dirs=args.tuned_config_dir, device=args.device, replay=args.replay,
                   compile_workers=args.compile_workers, progress=True, n_workers=args.workers,
-                  confirm=not args.no_confirm)
+                  confirm=not args.no_confirm, down_config=False if args.no_down_config else None,
+                  routing=args.routing, kernel=args.kernel)
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.worker_errors:
@@ -332,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--no-confirm", action="store_true",
                      help="on the GPU, do not re-measure the close contenders and SGLang's default before export "
                           "(by default each batch size's best few are timed three more times and ranked by the medians)")
+    how.add_argument("--no-down-config", action="store_true",
+                     help="tune one config for both GEMMs; by default, where each GEMM can be timed (GPU, CPU "
+                          "interpreter), a config per GEMM is tuned and SGLang's <name>_down.json written beside "
+                          "the up file (docs/tuning.md)")
+    how.add_argument("--routing", default="uniform",
+                     help="routing of the timed calls: uniform (default), zipf<s> (skewed expert popularity, e.g. "
+                          "zipf1.2) or trace:PATH (SGLang's topk_ids dumps, .pt or .npy; docs/routing.md)")
+    how.add_argument("--kernel", default="builtin", help="kernel backend to time (default builtin)")
     how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
     how.add_argument("--compile-workers", type=int, default=None,
                      help="processes compiling configs ahead of timing (default: usable CPU cores - 2, at most 15)")

@@ -118,3 +118,14 @@ def test_pairs_merge_into_existing_up_and_down_files(tmp_path):
     assert load_tuned_configs(files["sglang_down"]) == {1: B, 64: D}
     assert load_tuned_configs(files["vllm"]) == {1: A, 64: C}
     assert list(json.loads(files["sglang_down"].read_text())) == ["1", "64"]  # batch sizes only, as SGLang parses
+
+
+def test_the_cli_writes_the_down_file_unless_told_not_to(tmp_path):
+    from moe_opt.cli import main
+
+    shape = ["--shape", "E=8,topk=2,K=256,intermediate=128", "--batch-sizes", "8", "--n-trials", "2"]
+    assert main(["tune", *shape, "--storage", str(tmp_path / "a.db"), "--output-dir", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "a").rglob("*_down.json"))) == 1
+    assert main(["tune", *shape, "--no-down-config", "--routing", "zipf0.8", "--storage", str(tmp_path / "b.db"),
+                 "--output-dir", str(tmp_path / "b")]) == 0
+    assert not list((tmp_path / "b").rglob("*_down.json")) and list((tmp_path / "b").rglob("*.json"))

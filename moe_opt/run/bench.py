@@ -114,7 +114,7 @@ def measuring(spec: ModelSpec | None, *, replay: str | os.PathLike | None = None
             why = session.backend.unsupported(spec)
             if why is not None:
                 raise TuneError(why)
-        session._open_measurer()  # the tune's own construction (TuneSession.prepare's first step)
+        session.open_measurer()  # the tune's own construction (TuneSession.prepare's first step)
         if session.spec is None:
             raise TuneError(f"replay table {Path(replay).name} records no model spec; give --model or --shape")
         yield Measuring(session)

@@ -135,7 +135,7 @@ class TuneSession:
             why = self.backend.unsupported(self.spec)
             if why is not None:
                 raise TuneError(why)
-        self._open_measurer()
+        self.open_measurer()
         plan = self.plan
         self.batch_sizes = check_batch_sizes(plan.batch_sizes if plan.batch_sizes is not None
                                              else space.DEFAULT_BATCH_SIZES)
@@ -162,7 +162,7 @@ class TuneSession:
         if plan.warm_start and self.worker is None:
             self._warm_start()
 
-    def _open_measurer(self) -> None:
+    def open_measurer(self) -> None:
         """A recorded table, the GPU (in an isolated process, its compile pool beside it), or the interpreter."""
         plan = self.plan
         self.n_trials = plan.n_trials
