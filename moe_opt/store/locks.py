@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -17,6 +18,8 @@ class _FileLock:
     """flock on a file next to the storage: held by one process at a time, released by the kernel if the
     holder dies. (Never lock the SQLite file itself: closing any descriptor of it drops SQLite's own locks.)"""
 
+    shared = True  # every process that opens the storage by its file takes this lock
+
     def __init__(self, path: Path):
         self.path = path
         self._thread_lock = threading.Lock()
@@ -30,7 +33,10 @@ class _FileLock:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
+        except BaseException:  # e.g. Ctrl-C right after the flock was granted: do not keep it
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._thread_lock.release()
             raise
 
@@ -47,6 +53,7 @@ class _SqlLock:
     """A named server-side lock (PostgreSQL advisory lock, MySQL GET_LOCK) on a connection of its own; the
     server releases it when that connection closes, so a dead holder cannot keep it."""
 
+    shared = True
     QUERIES = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
                "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)")}
 
@@ -94,22 +101,32 @@ def claim_lock(storage: Any, store: Any, name: str):
 
     parsed = storage_url(storage)
     if parsed is not None and parsed.path is not None:
-        return _FileLock(parsed.path.with_name(parsed.path.name + LOCK_SUFFIX))
+        return _FileLock(lock_path(parsed.path))
+    journal = getattr(getattr(store, "_backend", None), "_file_path", None)  # a JournalStorage on a file
+    if isinstance(store, optuna.storages.JournalStorage) and journal:
+        return _FileLock(lock_path(Path(journal)))
     if isinstance(store, optuna.storages.RDBStorage):
         dialect = store.engine.dialect.name
         if dialect in _SqlLock.QUERIES:
             return _SqlLock(store.engine, name)
         database = store.engine.url.database
         if dialect == "sqlite" and database and database != ":memory:":
-            return _FileLock(Path(database).with_name(Path(database).name + LOCK_SUFFIX))
-    return _ThreadLock()
+            return _FileLock(lock_path(Path(database)))
+    return _ThreadLock(shared=isinstance(store, optuna.storages.InMemoryStorage))
+
+
+def lock_path(storage_file: Path) -> Path:
+    """The claim-lock file beside a SQLite or journal file."""
+    return storage_file.with_name(storage_file.name + LOCK_SUFFIX)
 
 
 class _ThreadLock:
-    """In-memory storages and unknown backends: one process only (documented in docs/operations.md)."""
+    """In-memory storages and unknown backends: one process only (documented in docs/operations.md). ``shared``
+    says whether it is still every process's lock: true of an in-memory storage, which no other process sees."""
 
-    def __init__(self):
+    def __init__(self, shared: bool = False):
         self._lock = threading.RLock()
+        self.shared = shared
 
     def __enter__(self) -> None:
         self._lock.acquire()
