@@ -8,8 +8,10 @@ Everything is real: SQLite and journal files, subprocesses, signals. Measurement
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 import moe_opt
+from moe_opt.cli import main
 from moe_opt.run.coordinator import STALE_AFTER_S, WORKER_KEY
 from moe_opt.store.schema import config_of, is_counted
 from moe_opt.store.storage import open_storage
@@ -173,3 +176,200 @@ def test_ctrl_c_and_sigterm_wait_for_the_end_of_a_deferred_block():
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+# --- the journal's lock and a torn last line --------------------------------------------------------------
+
+KILLED_WRITER = """
+import os, signal, sys
+from moe_opt.store.storage import open_storage
+store = open_storage(sys.argv[1])
+store._backend._lock.acquire()  # a journal write under way (the lock the storage's appends take) ...
+os.kill(os.getpid(), signal.SIGKILL)  # ... cut short by a kill
+"""
+
+
+@pytest.mark.parametrize("left_by", ["a killed moe_opt writer", "a plain Optuna writer killed a minute ago"])
+def test_a_journal_lock_left_by_a_killed_writer_costs_the_next_run_no_wait(tmp_path, left_by):
+    journal = tmp_path / "s.journal"
+    kwargs = dict(replay=QWEN, batch_sizes=[1], storage=f"journal:{journal}", output_dir=None, progress=False)
+    moe_opt.tune(n_trials=2, **kwargs)
+    lock = Path(str(journal) + ".lock")  # Optuna's JournalFileBackend lock file
+    if left_by == "a killed moe_opt writer":
+        assert python(KILLED_WRITER, f"journal:{journal}", cwd=tmp_path).returncode == -signal.SIGKILL
+    else:  # Optuna's own JournalFileSymlinkLock, as an older moe_opt took it, left a minute ago
+        os.symlink(journal, lock)
+        os.utime(lock, (time.time() - 60,) * 2, follow_symlinks=False)
+    assert os.path.lexists(lock)
+
+    t0 = time.perf_counter()
+    result = moe_opt.tune(n_trials=4, **kwargs)
+    elapsed = time.perf_counter() - t0
+    assert result.trials_used == {1: 4}
+    assert elapsed < 10, f"the resume took {elapsed:.0f} s (Optuna's grace period for a stale lock is 30 s)"
+    assert not os.path.lexists(lock)
+
+
+def test_a_torn_last_journal_line_is_cut_away_once_and_every_later_run_works(tmp_path, capfd):
+    journal = tmp_path / "s.journal"
+    kwargs = dict(replay=QWEN, batch_sizes=[1], storage=f"journal:{journal}", output_dir=None, progress=False)
+    moe_opt.tune(n_trials=3, **kwargs)
+    whole = journal.read_bytes()
+    last = whole.splitlines(keepends=True)[-1]
+    torn = last[: len(last) // 2]  # the first half of a write, as a kill in the middle of it leaves it
+    journal.write_bytes(whole + torn)
+    capfd.readouterr()
+
+    assert moe_opt.tune(n_trials=5, **kwargs).trials_used == {1: 5}
+    err = capfd.readouterr().err
+    assert err.count("torn last line") == 1, err
+    assert f"moe-opt: {journal}: cut away its torn last line ({len(torn)} bytes)" in err
+    assert journal.read_bytes().startswith(whole)
+    assert all(isinstance(json.loads(line), dict) for line in journal.read_bytes().splitlines())
+    assert moe_opt.tune(n_trials=7, **kwargs).trials_used == {1: 7}  # and later runs are not refused
+    assert "torn" not in capfd.readouterr().err
+
+
+def test_a_journal_whose_first_write_was_cut_short_is_resumed(tmp_path, capfd):
+    journal = tmp_path / "s.journal"
+    torn = b'{"op_code":0,"worker_id":"5c1f'  # a kill during the very first write
+    journal.write_bytes(torn)
+    result = moe_opt.tune(replay=QWEN, batch_sizes=[1], n_trials=2, storage=f"journal:{journal}", output_dir=None,
+                          progress=False)
+    assert result.trials_used == {1: 2}
+    assert f"cut away its torn last line ({len(torn)} bytes)" in capfd.readouterr().err
+
+
+# --- several processes creating one new SQLite file ----------------------------------------------------
+
+RACE = """
+import sys, time
+import optuna
+from moe_opt.store.storage import open_storage
+directory, start, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+for i in range(rounds):
+    while time.time() < start + 0.4 * i:  # every process opens the round's new file at the same moment
+        pass
+    try:
+        store = open_storage(f"sqlite:///{directory}/new{i}.db")
+        optuna.create_study(study_name="moe", storage=store, load_if_exists=True)
+    except Exception as exc:
+        print(f"round {i}: {exc}", flush=True)
+"""
+
+
+def test_processes_opening_one_new_sqlite_file_at_once_all_get_it(tmp_path):
+    n_processes, rounds = 4, 6
+    start = time.time() + 6  # after every process has imported Optuna
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), str(start), str(rounds)], cwd=tmp_path,
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(n_processes)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n_processes
+    assert outputs == [""] * n_processes, "".join(outputs)
+    for i in range(rounds):
+        assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/new{i}.db")] == ["moe"]
+
+
+# --- readers change nothing ------------------------------------------------------------------------------
+
+def files_state(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+READERS = [["export", "{db}", "-o", "out"], ["show", "{db}"], ["report", "{db}", "-o", "r.html"],
+           ["record", "{db}", "-o", "t.csv"], ["dashboard", "{db}", "--port", "0"]]
+
+
+def test_readers_leave_a_foreign_sqlite_file_as_it_is_and_create_no_file_for_a_mistyped_one(tmp_path, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.chdir(tmp_path)
+    con = sqlite3.connect("other.db")
+    con.execute("CREATE TABLE notes (text TEXT)")
+    con.execute("INSERT INTO notes VALUES ('not an Optuna database')")
+    con.commit()
+    con.close()
+    before = files_state(tmp_path)
+    for argv in READERS:
+        for db in ("sqlite:///other.db", "other.db"):
+            assert main([a.format(db=db) for a in argv]) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "other.db holds no Optuna studies" in err, err
+            assert files_state(tmp_path) == before  # no tables added, no WAL, no lock file, no output
+    con = sqlite3.connect("file:other.db?mode=ro", uri=True)
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    con.close()
+
+    for typo in ("sqlite+pysqlite:///typo.db", "sqlite:///typo/studies.db", "sqlite:///file:typo.db?mode=ro&uri=true"):
+        for argv in READERS:
+            assert main([a.format(db=typo) for a in argv]) == 2, (typo, argv)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "does not exist" in err, err
+            assert files_state(tmp_path) == before and not (tmp_path / "typo").exists()
+
+
+READ_ONLY_DRIVER = """
+import contextlib, io, json, sys, urllib.request
+from moe_opt.cli import main
+from moe_opt.view.dashboard import start_dashboard
+db, out = sys.argv[1], sys.argv[2]
+results = {}
+for argv in (["show", db], ["export", db, "-o", out + "/configs"], ["report", db, "-o", out + "/r.html"],
+             ["record", db, "-o", out + "/t.csv"]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(argv)
+    results[argv[0]] = [rc, err.getvalue()]
+with start_dashboard(db, port=0) as handle:
+    page = urllib.request.urlopen(handle.url.replace("/dashboard", "/api/studies"), timeout=30).read().decode()
+    results["dashboard"] = [0 if "moe|" in page else 1, page[:300]]
+json.dump(results, open(out + "/results.json", "w"))
+"""
+
+
+def run_read_only(directory: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run argv with ``directory`` read-only: chmod for a normal user; root ignores permission bits, so for root
+    a read-only bind mount in a mount namespace of the command's own."""
+    if os.geteuid() != 0:
+        for p in directory.iterdir():
+            p.chmod(0o444)
+        directory.chmod(0o555)
+        try:
+            return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=180)
+        finally:
+            directory.chmod(0o755)
+    mount = f"mount --bind {directory} {directory} && mount -o remount,ro,bind {directory}"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"as root a read-only database needs a read-only mount, which fails here: {probe.stderr.strip()}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", f'{mount} && exec "$0" "$@"', *argv], env=ENV,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_read_only_commands_read_a_read_only_database(tmp_path):
+    studies, out = tmp_path / "studies", tmp_path / "out"
+    studies.mkdir()
+    out.mkdir()
+    tuned = f"{tmp_path}/tuned.db"
+    moe_opt.tune(replay=QWEN, batch_sizes=[1, 64], n_trials=3, storage=f"sqlite:///{tuned}", output_dir=None,
+                 progress=False)
+    # The tune's database as a finished tune leaves it (WAL mode, no -wal/-shm files: this process may still hold
+    # connections to the original).
+    src, dst = sqlite3.connect(tuned), sqlite3.connect(f"{studies}/s.db")
+    src.backup(dst)
+    assert dst.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)  # read-only WAL needs care
+    src.close()
+    dst.close()
+    db = f"sqlite:///{studies}/s.db"
+    before = files_state(studies)
+    assert list(before) == ["s.db"]
+
+    proc = run_read_only(studies, [sys.executable, "-c", READ_ONLY_DRIVER, db, str(out)])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {name: rc for name, (rc, _) in results.items()} == dict.fromkeys(
+        ["show", "export", "report", "record", "dashboard"], 0), results
+    assert len(exported(out / "configs")) == 2 and (out / "r.html").exists() and (out / "t.csv").exists()
+    assert files_state(studies) == before
