@@ -8,10 +8,13 @@ Everything is real: SQLite and journal files, subprocesses, signals. Measurement
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -373,3 +376,179 @@ def test_the_read_only_commands_read_a_read_only_database(tmp_path):
         ["show", "export", "report", "record", "dashboard"], 0), results
     assert len(exported(out / "configs")) == 2 and (out / "r.html").exists() and (out / "t.csv").exists()
     assert files_state(studies) == before
+
+
+# --- fault injection: a tune killed at many random moments ------------------------------------------------------
+
+SEED = 20250611
+BATCH_SIZES = (1, 64, 4096)
+TINY_SHARED_MEMORY = 12288  # leaves 8 of the grid's configs: the search ends having measured them all
+STARTUP_BOUND_S = 10.0  # from a run's start to its first trial: seconds (importing torch is ~2 of them), where a
+# stale journal lock cost 30 s and a stale trial 120 s
+
+
+def tiny_table(directory: Path) -> Path:
+    """The Qwen3-30B-A3B table at three batch sizes, on a device with so little shared memory that 8 configs fit."""
+    table = directory / "tiny.csv"
+    with open(QWEN, newline="") as f, open(table, "w", newline="") as g:
+        reader = csv.DictReader(f)
+        writer = csv.DictWriter(g, reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(row for row in reader if int(row["M"]) in BATCH_SIZES)
+    meta = json.loads(Path(QWEN + ".json").read_text())
+    meta.update(shared_memory_bytes=TINY_SHARED_MEMORY, batch_sizes=list(BATCH_SIZES))
+    Path(str(table) + ".json").write_text(json.dumps(meta))
+    return table
+
+
+class Runs:
+    """The same `moe-opt tune` command, started again and again in one folder, each run killed or not."""
+
+    def __init__(self, directory: Path, table: Path):
+        self.dir = directory
+        self.storage = f"sqlite:///{directory}/t.db"
+        self.out = directory / "out"
+        self.cmd = [sys.executable, "-m", "moe_opt.cli", "tune", "--replay", str(table), "--n-trials", "12",
+                    "--seed", "3", "--storage", self.storage, "--output-dir", str(self.out)]
+        self.sigkilled: set[int] = set()
+        self.startups_s: list[float] = []
+        self.log = directory / "runs.log"
+        self.record: list[str] = []  # one line per run, printed at the end
+        self.asked_at_start = 0
+
+    def run(self, when_s: float | None = None, signals: tuple[str, ...] = (), trigger=None) -> tuple[int, float]:
+        """One run; with signals, sent ``when_s`` after its start or once ``trigger()`` holds. Returns (exit code,
+        wall time)."""
+        before = self.numbers()
+        self.asked_at_start = self.trials_asked()
+        t0 = time.time()
+        with open(self.log, "a") as log:
+            proc = subprocess.Popen(self.cmd, cwd=self.dir, env=ENV, stdout=log, stderr=log)
+            if signals:
+                while proc.poll() is None and not (trigger(t0) if trigger else time.time() - t0 >= when_s):
+                    time.sleep(0.001)
+                for name in signals:
+                    if proc.poll() is None:
+                        proc.send_signal(getattr(signal, name))
+                        time.sleep(0.05)
+                        if name == "SIGKILL":
+                            self.sigkilled.add(proc.pid)
+            proc.wait(120)
+        wall_s = time.time() - t0
+        started = [t.datetime_start.timestamp() for name, ts in self.trials().items() for t in ts
+                   if t.number > before.get(name, -1) and t.datetime_start is not None]
+        if started:
+            self.startups_s.append(min(started) - t0)
+        how = "no signal" if not signals else "+".join(signals) + (
+            f" when {trigger.__name__}" if trigger else f" at {when_s:.2f} s")
+        self.record.append(f"{how}: exit {proc.returncode} after {wall_s:.2f} s, "
+                           f"{len(started)} trials started" + (f", first at {min(started) - t0:.2f} s" if started else "")
+                           + f", {len(self.complete())} complete; storage: {self.state()}")
+        return proc.returncode, wall_s
+
+    def trials_asked(self) -> int:
+        """How many trials have been asked (enqueued ones not counted), read without Optuna: cheap enough to poll
+        while a run writes."""
+        try:
+            con = sqlite3.connect(f"file:{self.dir}/t.db?mode=rw", uri=True)
+            try:
+                return con.execute("SELECT count(datetime_start) FROM trials").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return 0
+
+    def state(self) -> str:
+        """What the storage file holds: no file, no (complete) Optuna tables, or its trials."""
+        if not (self.dir / "t.db").exists():
+            return "no file"
+        con = sqlite3.connect(f"file:{self.dir}/t.db?mode=rw", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "alembic_version" not in tables or not con.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+                return f"Optuna's tables incomplete ({len(tables)} tables)"
+            return f"{con.execute('SELECT count(*) FROM trials').fetchone()[0]} trial rows"
+        finally:
+            con.close()
+
+    def trials(self) -> dict[str, list]:
+        if not (self.dir / "t.db").exists():
+            return {}
+        try:
+            return all_trials(self.storage)
+        except moe_opt.TuneError:  # killed before Optuna's tables were complete
+            return {}
+
+    def numbers(self) -> dict[str, int]:
+        return {name: max((t.number for t in ts), default=-1) for name, ts in self.trials().items()}
+
+    def complete(self) -> dict[tuple[str, int], tuple]:
+        return {(name, t.number): (t.params, t.value) for name, ts in self.trials().items() for t in ts
+                if t.state == TrialState.COMPLETE}
+
+
+def test_a_tune_killed_at_random_moments_resumes_in_seconds_and_ends_as_an_uninterrupted_run(tmp_path):
+    table = tiny_table(tmp_path)
+    # The uninterrupted run, twice (the API and the command): a replay with a seed is deterministic.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    moe_opt.tune(replay=str(table), n_trials=12, seed=3, storage=f"sqlite:///{reference}/t.db",
+                 output_dir=reference / "out", progress=False)
+    whole = Runs(tmp_path / "whole", table)
+    whole.dir.mkdir()
+    assert whole.run()[0] == 0
+    expected = exported(reference / "out")
+    assert exported(whole.out) == expected and len(expected) == 2
+    first_s = whole.startups_s[0]
+    counted = [t for ts in whole.trials().values() for t in ts if is_counted(t)]
+    assert len(counted) == 8 * len(BATCH_SIZES)  # every config of the tiny space, at each M
+
+    rng = random.Random(SEED)
+    runs = Runs(tmp_path / "killed", table)
+    runs.dir.mkdir()
+
+    def storage_appears(t0: float) -> bool:
+        return (runs.dir / "t.db").exists()
+
+    def export_under_way(t0: float) -> bool:  # a file (or an export's temp file) written by this run
+        return runs.out.exists() and any(p.is_file() and p.stat().st_mtime > t0 for p in runs.out.rglob("*"))
+
+    def trials_started(k: int):
+        def trigger(t0: float) -> bool:  # k trials asked by this run: a random moment among its trials
+            return runs.trials_asked() >= runs.asked_at_start + k
+        trigger.__name__ = f"{k} trials started"
+        return trigger
+
+    def some_signals() -> tuple[str, ...]:
+        return rng.choice([("SIGKILL",), ("SIGKILL",), ("SIGINT",), ("SIGINT", "SIGINT"), ("SIGTERM",)])
+
+    # (when after start, signals, trigger): right at start, while the storage is created, at random moments from
+    # 0.05 s to 3 s (mostly while Python imports, here) and among the trials, then while the files are exported.
+    plan = [(rng.uniform(0, 0.05), some_signals(), None) for _ in range(2)]
+    plan.append((None, ("SIGKILL",), storage_appears))
+    middle = [(rng.uniform(0.05, 3.0), some_signals(), None) for _ in range(3)]
+    middle += [(None, some_signals(), trials_started(rng.randint(1, 4))) for _ in range(4)]
+    rng.shuffle(middle)
+    plan += middle + [(None, some_signals(), export_under_way) for _ in range(2)]
+
+    kept = runs.complete()
+    for when_s, signals, trigger in plan:
+        runs.run(when_s, signals, trigger)
+        now = runs.complete()
+        assert kept.items() <= now.items(), "a completed trial was lost or changed"
+        kept = now
+        for t in running(runs.storage) if runs.trials() else []:  # only a SIGKILLed process leaves one RUNNING
+            assert t.system_attrs.get(WORKER_KEY, {}).get("pid") in runs.sigkilled | {None}, t.system_attrs
+        for name, text in exported(runs.out).items():
+            json.loads(text)  # every export file is whole, whenever the run was killed
+
+    code, final_s = runs.run()
+    assert code == 0
+    assert runs.complete().items() >= kept.items()
+    assert not running(runs.storage)
+    assert exported(runs.out) == expected
+    assert max(runs.startups_s) < STARTUP_BOUND_S, (runs.startups_s, first_s)
+    print("\n" + "\n".join(runs.record))
+    print(f"{len(plan)} kills; start-up to the first trial: median {statistics.median(runs.startups_s):.2f} s, "
+          f"max {max(runs.startups_s):.2f} s over {len(runs.startups_s)} runs; the final resume {final_s:.2f} s; "
+          f"uninterrupted: first trial at {first_s:.2f} s")
