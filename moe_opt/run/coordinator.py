@@ -8,8 +8,14 @@ size, and together they run exactly ``n_trials`` counted trials per batch size.
 
 A claimed trial carries who runs it (host, boot, pid namespace, pid and the process's start time) and a heartbeat
 that a thread refreshes while the trial runs. A RUNNING trial is stale when its process is gone (same host: the
-pid no longer names the same process) or its heartbeat is older than ``STALE_AFTER_S`` (other hosts). A stale
-trial is failed with ``"Interrupted: ..."`` (not counted) and its config enqueued, so it is retried first.
+pid no longer names the same process) or its heartbeat is older than ``STALE_AFTER_S`` (other hosts). A RUNNING
+trial with no worker stamp, seen under a lock that every process shares, is stale at once: trials are asked and
+stamped under that lock in one step, so no live process can still be stamping it; its claimer stopped in
+between (killed, or a crash). A stale trial is failed with ``"Interrupted: ..."`` (not counted) and its config
+enqueued, so it is retried first.
+
+Claiming (ask, stamp, hold) and releasing run with Ctrl-C and SIGTERM held back (run/stop.py), so neither stops
+halfway in a live process.
 
 Optuna's own heartbeat (RDBStorage(heartbeat_interval=...)) is not used: it only exists for RDB storages, is
 only automatic inside Study.optimize, and cannot tell at once that a process on the same host is gone.
@@ -41,6 +47,7 @@ from ..store.schema import (
     is_compile_failure,
     is_counted,
 )
+from .stop import deferred_signals
 
 WORKER_KEY = "moe_opt:worker"  # trial system attribute: who runs the trial
 HEARTBEAT_KEY = "moe_opt:heartbeat"  # trial system attribute: time.time() of the last sign of life
@@ -133,7 +140,7 @@ class Coordinator:
         self.me = WorkerId.current(device)
         self.stale_after_s = stale_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._held: dict[int, Any] = {}  # {trial_id: storage} of the trials this process has claimed and runs
+        self._held: dict[int, tuple[optuna.Study, optuna.Trial]] = {}  # the trials this process claimed and runs
         self._recorded: dict[str, set[int]] = {}  # per study, the trials already fed to the search state
         self._beat_lock = threading.Lock()
 
@@ -147,9 +154,9 @@ class Coordinator:
             while not stop.wait(self.heartbeat_interval_s):
                 with self._beat_lock:
                     held = list(self._held.items())
-                for trial_id, storage in held:
+                for trial_id, (study, _) in held:
                     with contextlib.suppress(Exception):  # finished meanwhile, or the storage is briefly away
-                        storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+                        study._storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
 
         thread = threading.Thread(target=beat, name="moe-opt-heartbeat", daemon=True)
         thread.start()
@@ -160,18 +167,34 @@ class Coordinator:
             thread.join()
 
     def hold(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        """Keep the heartbeat of a claimed trial until :meth:`drop` (it may wait for its compile, then run)."""
+        """Keep the heartbeat of a claimed trial until :meth:`drop` (it may wait for its compile, then run).
+        :meth:`claim` holds the trials it returns."""
         with self._beat_lock:
-            self._held[trial._trial_id] = study._storage
+            self._held[trial._trial_id] = (study, trial)
 
     def drop(self, trial: optuna.Trial) -> None:
+        """Stop holding a trial: call after its result was told."""
         with self._beat_lock:
             self._held.pop(trial._trial_id, None)
 
+    def release_held(self, why: str, trials: list[optuna.Trial] | None = None) -> None:
+        """Fail the held trials (or those of ``trials`` that are held) as interrupted and enqueue their configs, so
+        the next run retries them first; with Ctrl-C and SIGTERM held back, so no trial is left RUNNING halfway."""
+        with deferred_signals():
+            with self._beat_lock:
+                ids = list(self._held) if trials is None else [t._trial_id for t in trials if t._trial_id in self._held]
+                held = [self._held.pop(i) for i in ids]
+            for study, trial in held:
+                with contextlib.suppress(Exception):  # the storage is away: the next run finds the trial stale
+                    self.release(study, trial._trial_id, trial.params, trial.number, why)
+
     # Stale trials.
-    def stale_reason(self, trial: FrozenTrial, now: float) -> str | None:
-        """Why a RUNNING trial's process is gone, or None while it may still run."""
+    def stale_reason(self, trial: FrozenTrial, now: float, *, under_lock: bool = False) -> str | None:
+        """Why a RUNNING trial's process is gone, or None while it may still run. ``under_lock``: the caller holds
+        the claim lock, so a trial without a worker stamp is one whose claimer stopped between ask and stamp."""
         who = trial.system_attrs.get(WORKER_KEY) or {}
+        if not who and under_lock and self.lock.shared:
+            return "it was asked but never stamped with its worker (the process stopped in between)"
         name = f"{who.get('host', '?')}:{who.get('pid', '?')}"
         if who and self.me.same_machine(who):
             if who.get("pid") == self.me.pid and who.get("start") == self.me.start:
@@ -187,20 +210,24 @@ class Coordinator:
     def release(self, study: optuna.Study, trial_id: int, params: dict, number: int, why: str) -> bool:
         """Fail a trial as interrupted and enqueue its config to be retried first; False if it had finished."""
         storage = study._storage
-        try:
-            storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}; its config is retried")
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False  # its owner told the result first, or another process failed it already
-        if len(params) == len(PARAM_NAMES):
-            study.enqueue_trial(dict(params), user_attrs={"retry_of": number}, skip_if_exists=False)
+        retried = len(params) == len(PARAM_NAMES)
+        with deferred_signals():  # failed but never enqueued would lose the retry
+            try:
+                storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}" +
+                                            ("; its config is retried" if retried else ""))
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                return False  # its owner told the result first, or another process failed it already
+            if retried:
+                study.enqueue_trial(dict(params), user_attrs={"retry_of": number}, skip_if_exists=False)
         return True
 
     # Claims.
     def claim(self, study: optuna.Study, M: int, strategy: Strategy,
               n_trials: int) -> tuple[optuna.Trial, Config] | str:
         """Under the shared lock: learn the study's trials, fail stale ones, then ask for a trial if the budget
-        allows. Returns (trial, config), DONE (n_trials counted) or BUSY (the rest runs in other processes)."""
+        allows. Returns (trial, config), held (see :meth:`hold`), DONE (n_trials counted) or BUSY (the rest runs
+        in other processes)."""
         with self.lock:
             for _ in range(len(strategy.state.candidates) + 1):
                 result = self._claim_once(study, M, strategy, n_trials)
@@ -221,7 +248,7 @@ class Coordinator:
         recorded = self._recorded.setdefault(study.study_name, set())
         for t in study.get_trials(deepcopy=False):
             if t.state == TrialState.RUNNING:
-                why = self.stale_reason(t, now)
+                why = self.stale_reason(t, now, under_lock=True)
                 if why is not None:
                     self.release(study, t._trial_id, t.params, t.number, why)
                     continue
@@ -250,14 +277,21 @@ class Coordinator:
         if not waiting and strategy.exhausted(M, set(running)):
             return BUSY if n_running else DONE
         strategy.exclude(M, set(running) | set(waiting.values()))
-        trial = study.ask()
-        config = Config(*(int(trial.suggest_categorical(p, strategy.choices[p])) for p in PARAM_NAMES))
-        strategy.asked(M, config)
-        enqueued = trial.number in waiting  # Optuna pops queued trials first
-        if config in running or (enqueued and config in strategy.tried(M)):
-            taken = f"trial {running[config]} runs it" if config in running else "it was tried already"
-            trial.set_user_attr("error", f"{INTERRUPTED}: duplicate config ({taken})")
-            study.tell(trial, state=TrialState.FAIL)
-            return None
-        study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
+        with deferred_signals():  # asked, stamped and held in one step (an unstamped trial is a dead claimer's)
+            trial = study.ask()
+            try:
+                config = Config(*(int(trial.suggest_categorical(p, strategy.choices[p])) for p in PARAM_NAMES))
+                strategy.asked(M, config)
+                enqueued = trial.number in waiting  # Optuna pops queued trials first
+                if config in running or (enqueued and config in strategy.tried(M)):
+                    taken = f"trial {running[config]} runs it" if config in running else "it was tried already"
+                    trial.set_user_attr("error", f"{INTERRUPTED}: duplicate config ({taken})")
+                    study.tell(trial, state=TrialState.FAIL)
+                    return None
+                study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
+            except BaseException:  # the storage failed: nothing runs this trial
+                with contextlib.suppress(Exception):
+                    self.release(study, trial._trial_id, trial.params, trial.number, "its claim failed")
+                raise
+            self.hold(study, trial)
         return trial, config

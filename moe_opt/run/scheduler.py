@@ -122,7 +122,7 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
         (864, 17.2)
     """
     from ..view.progress import Progress
-    from .stop import StopFlag
+    from .stop import StopFlag, deferred_signals
 
     times = times if times is not None else LoopTimes()
     queue = MeasureQueue(measurer)
@@ -148,15 +148,15 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
         if result == BUSY:
             busy.add(M)
             return None
-        c = Claim(M, studies[M], *result)
-        coord.hold(c.study, c.trial)
-        return c
+        return Claim(M, studies[M], *result)  # held by the coordinator until finish() has told it
 
     def finish(c: Claim, m: Measurement) -> None:
         nonlocal told_since_ahead
-        coord.drop(c.trial)
         told_since_ahead += 1
-        if tell(c.study, c.trial, c.config, m, strategy, c.M):
+        with deferred_signals():  # a measurement taken is told, not thrown away by a Ctrl-C
+            told = tell(c.study, c.trial, c.config, m, strategy, c.M)
+            coord.drop(c.trial)
+        if told:
             measured_here.add(c.M)
             bar.update(c.M, c.config, m)
 
@@ -226,20 +226,18 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                     if busy and not pending:
                         time.sleep(BUSY_POLL_S)  # the last trials run in other processes; they may finish or go stale
                     continue
-                c = inflight.popleft()
+                c = inflight.popleft()  # still held (coordinator) while it is measured: released if interrupted
                 t0 = time.perf_counter()
                 m = queue.collect()
                 times.measuring_s += time.perf_counter() - t0
                 times.measured += 1
                 finish(c, m)
-        except BaseException:  # Ctrl-C twice, or an error: held trials are retried by the next run, not left RUNNING
-            for c in [*inflight, *pending.values()]:
-                coord.drop(c.trial)
-                coord.release(c.study, c.trial._trial_id, c.trial.params, c.trial.number, "stopped while it was measured")
+        except BaseException:  # Ctrl-C twice, SIGTERM, or an error: every held trial is released, none left RUNNING
+            with deferred_signals():
+                coord.release_held("stopped before it was measured", [c.trial for c in pending.values()])
+                coord.release_held("stopped while it was measured")
             raise
-        for c in pending.values():  # claimed but stopped before measuring: retried first by the next run
-            coord.drop(c.trial)
-            coord.release(c.study, c.trial._trial_id, c.trial.params, c.trial.number, "stopped before it was measured")
+        coord.release_held("stopped before it was measured")  # claimed, not measured: retried first by the next run
     bar.close()
     return flag.stop
 

@@ -1,21 +1,29 @@
 """Storages: a storage URL is parsed once, here, into a :class:`StorageURL`; every command opens storages through
 :func:`open_storage`.
 
-Accepted: ``sqlite:///PATH.db`` (one process), ``journal:PATH`` (several processes on one host), any SQLAlchemy
-URL Optuna accepts such as ``postgresql://user@host/db`` (many hosts), and a bare file path ending in ``.db``,
+Accepted: ``sqlite:///PATH.db`` (one process; also ``sqlite+DRIVER:///PATH`` and SQLite's URI form
+``sqlite:///file:PATH?mode=ro&uri=true``), ``journal:PATH`` (several processes on one host), any SQLAlchemy URL
+Optuna accepts such as ``postgresql://user@host/db`` (many hosts), and a bare file path ending in ``.db``,
 ``.sqlite``, ``.sqlite3`` (SQLite) or ``.journal``/``.log`` (journal). ``sqlite:///:memory:`` is an in-memory
 storage that lives as long as the process.
+
+Writers (a tune) create what is missing; readers (``open_storage(create=False)``: show, report, export, record,
+dashboard) change nothing they only read: no file, table or journal mode is created, and a read-only database
+is opened read-only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from ..errors import TuneError
 
@@ -58,8 +66,9 @@ class StorageURL:
             if text.endswith(SQLITE_SUFFIXES):
                 return cls("sqlite", f"sqlite:///{text}", Path(text))
             raise TuneError(f"storage {text!r} is not a storage URL; {ACCEPTED}")
-        if text.startswith("sqlite:///"):
-            path = text[len("sqlite:///"):]
+        scheme, rest = text.split("://", 1)
+        if (scheme == "sqlite" or scheme.startswith("sqlite+")) and rest.startswith("/"):
+            path = _sqlite_file(rest[1:])
             if path in ("", ":memory:"):
                 return cls("memory", "sqlite:///:memory:")
             return cls("sqlite", text, Path(path))
@@ -73,6 +82,17 @@ class StorageURL:
     @property
     def is_file(self) -> bool:
         return self.path is not None
+
+
+def _sqlite_file(database: str) -> str:
+    """The file of the database part of a SQLite URL: a path, or SQLite's URI form ``file:PATH?mode=ro`` (with
+    ``uri=true`` among SQLAlchemy's query arguments)."""
+    path, _, query = database.partition("?")
+    if path.startswith("file:") and "uri=true" in query.split("&"):
+        path = unquote(path[len("file:"):])
+        if path.startswith("//"):  # file://[host]/PATH
+            path = "/" + path[2:].partition("/")[2]
+    return path
 
 
 def storage_url(storage: Any) -> StorageURL | None:
@@ -101,16 +121,20 @@ def _prepare_parent(url: str, path: Path, example: str) -> None:
         raise TuneError(f"storage {url}: cannot create directory {path.parent}: {exc.strerror}") from None
 
 
+def _check_sqlite_header(url: str, p: Path) -> None:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise TuneError(f"storage {url}: cannot read {p}: {exc.strerror}") from None
+    if head and head != b"SQLite format 3\x00":
+        raise TuneError(f"storage {url}: {p} is not an SQLite database; give a new or existing .db file")
+
+
 def _check_sqlite_path(url: str, p: Path) -> None:
     _prepare_parent(url, p, "sqlite:///studies/x.db")
     if p.exists():
-        try:
-            with open(p, "rb") as f:
-                head = f.read(16)
-        except OSError as exc:
-            raise TuneError(f"storage {url}: cannot read {p}: {exc.strerror}") from None
-        if head and head != b"SQLite format 3\x00":
-            raise TuneError(f"storage {url}: {p} is not an SQLite database; give a new or existing .db file")
+        _check_sqlite_header(url, p)
         try:
             open(p, "r+b").close()
         except OSError as exc:
@@ -120,24 +144,75 @@ def _check_sqlite_path(url: str, p: Path) -> None:
     _check_writable_directory(url, p.parent)
 
 
-def _check_journal_path(url: str, path: Path) -> None:
-    _prepare_parent(url, path, "journal:studies/x.journal")
+JOURNAL_LINE_START = b'{"op_code":'  # how Optuna writes every journal line (json.dumps, compact separators)
+
+
+def _check_journal_path(url: str, path: Path, create: bool = True) -> None:
+    if create:
+        _prepare_parent(url, path, "journal:studies/x.journal")
     if path.exists():
         try:
             with open(path, "rb") as f:
                 first = f.readline()
-            open(path, "ab").close()
+            if create:
+                open(path, "ab").close()
         except OSError as exc:
-            raise TuneError(f"storage {url}: cannot open {path} for appending: {exc.strerror}") from None
-        try:
-            ok = not first or isinstance(json.loads(first), dict)
-        except (ValueError, UnicodeDecodeError):
-            ok = False
+            doing = "open {} for appending" if create else "read {}"
+            raise TuneError(f"storage {url}: cannot {doing.format(path)}: {exc.strerror}") from None
+        if first.endswith(b"\n"):
+            try:
+                ok = isinstance(json.loads(first), dict)
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+        else:  # empty, or one line that a killed process cut short (cut away by the first write)
+            ok = _could_be_journal_line(first)
         if not ok:
             raise TuneError(f"storage {url}: {path} is not an Optuna journal file (a JSON line per operation); "
                             "give a new or existing journal file")
-    # Optuna's file lock is a symlink created next to the journal.
-    _check_writable_directory(url, path.parent)
+    if create:  # the lock files (store/locks.py) are created next to the journal
+        _check_writable_directory(url, path.parent)
+
+
+def _could_be_journal_line(text: bytes) -> bool:
+    """Whether ``text`` is the start of a line as Optuna writes them (or of nothing)."""
+    n = min(len(text), len(JOURNAL_LINE_START))
+    return text[:n] == JOURNAL_LINE_START[:n]
+
+
+def cut_torn_tail(path: str | os.PathLike) -> int:
+    """Cut a journal file back to the end of its last whole line; returns the bytes cut (said on stderr).
+
+    Call it only while holding the journal's write lock (store/locks.py, JournalWriteLock does): then no write is
+    in progress, and a last line without its newline can only be a write that a killed process cut short. Optuna
+    skips such a line when reading, but its next write would be appended to it, leaving a line that is not JSON
+    and a journal that no process can read again. One truncate, under the lock; a tail that is not the start of
+    an Optuna line is left alone.
+    """
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep, pos = 0, size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                keep = pos + newline + 1
+                break
+        f.seek(keep)
+        if not _could_be_journal_line(f.read(len(JOURNAL_LINE_START))):
+            return 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"moe-opt: {os.fspath(path)}: cut away its torn last line ({size - keep} bytes), a write cut short by a "
+          "killed process", file=sys.stderr, flush=True)
+    return size - keep
 
 
 def open_storage(storage: Any, *, create: bool = True):
@@ -145,8 +220,10 @@ def open_storage(storage: Any, *, create: bool = True):
 
     Args:
         storage: the storage.
-        create: False for commands that only read (show, report, export, dashboard): a storage file that does
-            not exist is an error instead of a new empty database.
+        create: False for commands that only read (show, report, export, record, dashboard): a storage file that
+            does not exist is an error instead of a new empty database, a SQLite file without Optuna's tables is an
+            error instead of getting them, the journal mode is left as it is, and a database that cannot be
+            written is opened read-only.
 
     Example:
         >>> store = open_storage("sqlite:///:memory:")  # doctest: +SKIP
@@ -167,24 +244,28 @@ def open_storage(storage: Any, *, create: bool = True):
         raise TuneError(f"storage {parsed.url}: file {parsed.path} does not exist; give the storage a tune wrote, "
                         "e.g. sqlite:///studies/model.db")
     if parsed.kind == "journal":
-        _check_journal_path(parsed.url, parsed.path)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        try:
-            return JournalStorage(JournalFileBackend(str(parsed.path)))
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise TuneError(f"storage {parsed.url}: cannot open the journal file: {reason}") from None
-    engine_kwargs = {}
-    if parsed.kind == "sqlite":
+        return _open_journal(parsed, create)
+    engine_kwargs: dict[str, Any] = {}
+    url, skip_table_creation = parsed.url, False
+    if parsed.kind == "sqlite" and not create:
+        url, skip_table_creation = _sqlite_reader_url(parsed), True
+    elif parsed.kind == "sqlite":
         _check_sqlite_path(parsed.url, parsed.path)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
     elif parsed.url.startswith(("postgresql", "mysql")):
         # Fail in seconds, not after the operating system's TCP timeout, when the server is unreachable.
         engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
     try:
-        rdb = optuna.storages.RDBStorage(_with_installed_driver(parsed.url), engine_kwargs=engine_kwargs)
-        if parsed.kind == "sqlite":
-            _fast_sqlite(rdb)
+        if parsed.kind != "sqlite":
+            return optuna.storages.RDBStorage(_with_installed_driver(url), engine_kwargs=engine_kwargs)
+        from .locks import file_lock
+
+        # Processes opening a new file at once would race on creating Optuna's tables ("UNIQUE constraint failed:
+        # alembic_version.version_num"): one at a time, under the storage's claim-lock file. Readers create nothing.
+        with file_lock(parsed.path) if create else contextlib.nullcontext():
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                             skip_table_creation=skip_table_creation)
+            _fast_sqlite(rdb, wal=create)
         return rdb
     except (sqlite3.DatabaseError, Exception) as exc:  # SQLAlchemy raises many types; all mean "unusable"
         if isinstance(exc, ImportError):  # Optuna re-raises the driver's ModuleNotFoundError as ImportError
@@ -193,6 +274,68 @@ def open_storage(storage: Any, *, create: bool = True):
                             f"{hint}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TuneError(f"storage {parsed.shown} cannot be opened: {first[:300]}") from None
+
+
+def _open_journal(parsed: StorageURL, create: bool):
+    """A JournalStorage whose writes take moe_opt's journal write lock (store/locks.py); a writer cuts a torn last
+    line away before opening."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from .locks import JournalWriteLock
+
+    _check_journal_path(parsed.url, parsed.path, create)
+    try:
+        lock = JournalWriteLock(parsed.path)
+        backend = JournalFileBackend(str(parsed.path), lock_obj=lock)
+        if create:
+            lock.acquire()  # cuts a torn last line
+            lock.release()
+        return JournalStorage(backend)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TuneError(f"storage {parsed.url}: cannot open the journal file: {reason}") from None
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info", "alembic_version"}
+
+
+def _sqlite_reader_url(parsed: StorageURL) -> str:
+    """The SQLAlchemy URL a reader opens an existing SQLite file with, after checking, without writing anything,
+    that it holds Optuna's tables: ``mode=rw`` where the file and its directory are writable (so the dashboard can
+    write its notes; ``rw`` never creates a file), else ``mode=ro``; ``immutable=1`` for a WAL database in a
+    directory where SQLite cannot make its shared-memory file and there is no -wal file (nobody can be writing it
+    then)."""
+    path = parsed.path
+    _check_sqlite_header(parsed.url, path)
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    uri = "file:" + quote(os.path.abspath(path))
+    modes = ["mode=rw"] if writable else ["mode=ro"]
+    if not writable and not os.access(path.parent, os.W_OK) and not os.path.exists(f"{path}-wal"):
+        modes.append("immutable=1")  # no -wal file, none can be made: nobody writes it, nothing is in a WAL
+    tables, opened = set(), None
+    for mode in modes:
+        try:
+            con = sqlite3.connect(f"{uri}?{mode}", uri=True)
+            try:
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                for table in ("version_info", "alembic_version"):  # Optuna would write them if empty
+                    if table in tables and not con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                        tables.discard(table)  # made by a process killed before it wrote the version
+            finally:
+                con.close()
+            opened = mode
+            break
+        except sqlite3.OperationalError as exc:
+            error = exc
+        except sqlite3.DatabaseError:
+            raise TuneError(f"storage {parsed.url}: {path} is not an SQLite database; give the storage a tune "
+                            "wrote, e.g. sqlite:///studies/model.db") from None
+    if opened is None:
+        raise TuneError(f"storage {parsed.url}: cannot read {path}: {error}")
+    if not OPTUNA_TABLES <= tables:
+        raise TuneError(f"storage {parsed.url}: {path} holds no Optuna studies (it has no Optuna tables); give the "
+                        "storage a tune wrote, e.g. sqlite:///studies/model.db")
+    return f"sqlite:///{uri}?{opened}&uri=true"
 
 
 def _without_password(url: str) -> str:
@@ -216,20 +359,24 @@ def _with_installed_driver(url: str) -> str:
     return url
 
 
-def _fast_sqlite(rdb) -> None:
+def _fast_sqlite(rdb, wal: bool = True) -> None:
     """WAL journal with synchronous=NORMAL: a commit no longer waits for fsync, which made every trial cost
     ~100 ms. Committed trials still survive the tuning process being killed (kill -9); only a power loss or OS
-    crash can lose the last few."""
+    crash can lose the last few. Readers (``wal=False``) leave the file's journal mode as it is."""
     from sqlalchemy import event
 
     def on_connect(dbapi_connection, _record):
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
         # Another process writing (a second tune on the same file) makes this one wait, not fail with
         # "database is locked"; several processes should still use journal:PATH (docs/operations.md).
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if wal:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     event.listen(rdb.engine, "connect", on_connect)
     rdb.engine.dispose()  # connections made before the listener reconnect with the pragmas
+    if wal:
+        with rdb.engine.connect():  # switch now, while the caller holds the creation lock
+            pass
