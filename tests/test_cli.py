@@ -277,7 +277,17 @@ def test_a_tune_with_nothing_to_export_exits_1_with_one_line(in_tmp, capsys):
     failing = in_tmp / "failing.csv"
     failing.write_text("M,BLOCK_SIZE_M,BLOCK_SIZE_N,BLOCK_SIZE_K,GROUP_SIZE_M,num_warps,num_stages,us,error\n"
                        "4,16,32,64,1,4,3,,OutOfResources: shared memory\n")
-    assert main(["tune", "--replay", str(failing), "--n-trials", "3", "--storage", "f.db"]) == 1
+    # A table with nothing to tune at a batch size is refused before anything starts (exit 2, bad input).
+    assert main(["tune", "--replay", str(failing), "--n-trials", "3", "--storage", "f.db"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["moe-opt tune: error: replay table failing.csv: every config at batch size 4 failed (us empty "
+                      "or NaN), nothing to tune there; give batch_sizes without it, or a table with latencies > 0 at "
+                      "it"]
+    # A tune that measured but found no result anywhere exits 1 with one line.
+    failing.write_text("M,BLOCK_SIZE_M,BLOCK_SIZE_N,BLOCK_SIZE_K,GROUP_SIZE_M,num_warps,num_stages,us,error\n"
+                       "4,16,32,64,1,4,2,,OutOfResources: shared memory\n4,16,32,64,1,4,3,9.0,\n")  # the grid's first fails
+    assert main(["tune", "--replay", str(failing), "--batch-sizes", "4", "--n-trials", "1", "--no-warm-start",
+                 "--sampler", "grid", "--storage", "g.db"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the progress
     assert errors == ["moe-opt tune: error: no batch size has a result (every measured config failed to compile or "
                       "run; the summary above says why); nothing was exported"]

@@ -86,6 +86,7 @@ def interpreter_spec(spec: ModelSpec) -> ModelSpec:
         return value if value <= bound else max(step, bound // step * step)
 
     block_n, block_k = spec.block_shape or (1, 1)
+    block_n = block_n or 1  # a group format's [0, group_size]: the group divides N and K
     E = min(spec.E, b["E"])
     N = within(spec.N, b["N"], math.lcm(block_k, block_n // math.gcd(block_n, 2)))
     K = within(spec.K, b["K"], math.lcm(block_k, block_n))

@@ -25,7 +25,9 @@ from ..model.spec import ModelSpec
 ENGINES = ("sglang", "vllm")
 ENV_VARS = {"sglang": "SGLANG_MOE_CONFIG_DIR", "vllm": "VLLM_TUNED_CONFIG_FOLDER"}
 # Where each engine keeps the files it ships, inside its package (newest layout first).
-PACKAGE_DIRS = {"sglang": ("srt/layers/moe/fused_moe_triton", "srt/layers/fused_moe_triton"),
+# sglang 0.5.23 ships them under srt/layers/moe/moe_runner/triton_utils/configs/triton_X_Y_Z/ (read from its wheel).
+PACKAGE_DIRS = {"sglang": ("srt/layers/moe/moe_runner/triton_utils", "srt/layers/moe/fused_moe_triton",
+                           "srt/layers/fused_moe_triton"),
                 "vllm": ("model_executor/layers/fused_moe/configs",)}
 
 

@@ -322,9 +322,12 @@ class TuneSession:
                     observe(self.strategy, M, t)
 
     def _warm_start(self) -> None:
+        from .lookup import ENGINES, engine_package_dir
         from .warm_start import enqueue_warm_start
 
+        # The user's folders, the output folder, then the files an installed engine ships for this shape.
         dirs = list(self.plan.tuned_config_dirs) + ([self.plan.output_dir] if self.plan.output_dir is not None else [])
+        dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
         try:
             enqueue_warm_start(self.studies, self.strategy.state, self.space.defaults, self.spec,
                                self.info.device_name, dirs, n_trials=self.n_trials)
