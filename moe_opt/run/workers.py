@@ -89,7 +89,6 @@ def run_workers(target: Callable, plan: Any, devices: list[str | None], studies:
 
 def _run(target: Callable, paths: list[str], devices: list[str | None], studies: dict, n_trials: int,
          progress: bool) -> tuple[bool, list[str]]:
-    n_workers = len(paths)
     ctx = multiprocessing.get_context("spawn")
     stop_event = ctx.Event()
     procs = []
