@@ -129,3 +129,16 @@ def test_the_cli_writes_the_down_file_unless_told_not_to(tmp_path):
     assert main(["tune", *shape, "--no-down-config", "--routing", "zipf0.8", "--storage", str(tmp_path / "b.db"),
                  "--output-dir", str(tmp_path / "b")]) == 0
     assert not list((tmp_path / "b").rglob("*_down.json")) and list((tmp_path / "b").rglob("*.json"))
+
+
+def test_the_note_and_the_summary_name_both_configs_of_an_exported_pair():
+    from moe_opt.view.notes import study_note
+    from moe_opt.view.report_data import _pair_columns
+
+    study = _study([(A, 100.0, 60.0, 40.0), (B, 105.0, 70.0, 35.0)])
+    study.set_user_attr(CONFIRMED_PAIR_ATTR, {"up": 0, "down": 1, "us": 96.0, "single_us": 100.5})
+    note = study_note(study)
+    down_row = next(line for line in note.splitlines() if "SGLang pair: down" in line)
+    assert "| " + " | ".join(str(v) for v in B.to_dict().values()) + " | 96.00 |" in down_row
+    columns = _pair_columns(result_of(study.get_trials(), study.user_attrs))
+    assert columns == {"sglang_down": f"down {B}", "pair_us": 96.0}

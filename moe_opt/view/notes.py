@@ -85,6 +85,11 @@ def study_note(study: optuna.Study) -> str | None:
     if default is not None:
         where = f"trial {default_trial.trial_number}" if default_trial is not None else "timed apart"
         lines.append(_row(f"SGLang default ({where})", default, default_us, default_us))
+    engine = result.engine_pair
+    if engine is not None and not engine[0].up == engine[0].down == top.config:
+        pair, pair_us = engine
+        lines.append(_row("SGLang pair: up", pair.up, pair_us, default_us))
+        lines.append(_row("SGLang pair: down (`_down.json`)", pair.down, pair_us, default_us))
     for config, verdict in result.rejected.items():
         lines.append(f"\nRejected by the correctness guard: {config} ({verdict}).")
 

@@ -24,7 +24,8 @@ from ..store.storage import StorageURL, open_storage
 # (H200) and 3.35 TB/s (H100 SXM). Keys are parts of the CUDA device name; "H100 80GB HBM3" is the SXM part.
 MEASURED_COPY_GBPS = {"H200": (4300.0, "H200"), "H100 80GB HBM3": (3000.0, "H100 SXM")}
 SUMMARY_COLUMNS = ("model", "shape", "device", "triton", "M", "best_config", "latency_us", "default_us",
-                   "speedup", "grid_best_us", "trials", "failures", "gbps", "measurement", "is_performance")
+                   "speedup", "grid_best_us", "trials", "failures", "gbps", "measurement", "is_performance",
+                   "sglang_down", "pair_us")
 
 
 def open_studies(storage: Any) -> tuple[Any, list[StudyInfo], str]:
@@ -171,8 +172,21 @@ def summary_rows(shapes: list[Shape]) -> list[dict]:
                 "failures": len(shape.trials[M]) - len(complete),
                 "gbps": (shape.gbps(M, top_trial) or math.nan) if top_trial else math.nan,
                 "measurement": info.attrs.get("measurement", ""), "is_performance": info.is_performance,
+                # A pair study: SGLang's down-projection config where it differs from best_config (its _down file).
+                **_pair_columns(result),
             })
     return rows
+
+
+def _pair_columns(result: StudyResult) -> dict:
+    """``sglang_down`` and ``pair_us``: the pair SGLang's files hold where its up or down config differs from the
+    best single config (store/results.py, StudyResult.engine_pair); empty otherwise."""
+    engine = result.engine_pair
+    if engine is None or (engine[0].up == engine[0].down == result.best.config):
+        return {"sglang_down": "", "pair_us": math.nan}
+    pair, us = engine
+    up = "" if pair.up == result.best.config else f"up {pair.up} / "
+    return {"sglang_down": f"{up}down {pair.down}", "pair_us": us}
 
 
 def summary(storage: Any, *, table: str | Path | None = None):
@@ -211,6 +225,8 @@ def summary_text(df) -> str:
         cols = ["M", "best_config", "latency_us", "default_us", "speedup", "trials", "failures"]
         if part["grid_best_us"].notna().any():
             cols.insert(4, "grid_best_us")
+        if part["pair_us"].notna().any():
+            cols += ["sglang_down", "pair_us"]
         body = _aligned(part[cols])
         speedups = [v for v in part["speedup"] if v == v]
         if speedups:
