@@ -106,3 +106,42 @@ def test_workers_across_hosts_share_a_postgresql_storage(tmp_path):
         for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
             if table.stem in summary.study_name:
                 optuna.delete_study(study_name=summary.study_name, storage=store)
+
+
+def test_a_worker_killed_mid_run_leaves_the_others_finishing_and_a_rerun_completes_the_budget(tmp_path):
+    """SIGKILL one of three workers once it has measured: the other two finish (the killed one's running trial
+    is failed as interrupted and retried, its pid being gone), the tune reports the dead worker, and a rerun
+    ends with exactly the budget, no config measured twice at one batch size."""
+    import signal
+    import threading
+
+    storage = f"journal:{tmp_path}/k.journal"
+    kwargs = dict(replay=TABLE, measurer=SlowReplay(TABLE), n_workers=3, n_trials=8, storage=storage,
+                  batch_sizes=[1, 16, 64], output_dir=None, progress=False, seed=5)
+    results = []
+    tune = threading.Thread(target=lambda: results.append(moe_opt.tune(**kwargs)))
+    tune.start()
+    victim, deadline = None, time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:  # a worker that has measured something
+        time.sleep(0.2)
+        if not Path(f"{tmp_path}/k.journal").exists():
+            continue
+        store = open_storage(storage)
+        pids = collections.Counter(t.system_attrs[WORKER_KEY]["pid"] for s in optuna.get_all_study_summaries(store)
+                                   for t in optuna.load_study(study_name=s.study_name, storage=store).get_trials()
+                                   if is_counted(t) and WORKER_KEY in t.system_attrs)
+        victim = next((pid for pid, n in pids.items() if n >= 2 and pid != os.getpid()), None)
+    assert victim is not None, "no worker measured within two minutes"
+    os.kill(victim, signal.SIGKILL)
+    tune.join(timeout=300)
+    first = results[0]
+    assert any("exited with code -9" in e for e in first.worker_errors)
+    again = moe_opt.tune(**kwargs)  # resumes: whatever the killed worker left is retried, the budget completed
+    assert again.worker_errors == []
+    store = open_storage(storage)
+    for M, name in again.study_names.items():
+        counted = [t for t in optuna.load_study(study_name=name, storage=store).get_trials() if is_counted(t)]
+        assert len(counted) == 8, (M, len(counted))
+        configs = [config_of(t) for t in counted]
+        assert len(set(configs)) == len(configs), f"duplicate configs at M={M}"
+    assert again.trials_used == {1: 8, 16: 8, 64: 8}
