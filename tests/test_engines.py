@@ -211,3 +211,21 @@ def test_import_moe_opt_loads_no_engine_module():
     code = "import sys, moe_opt; print('moe_opt.kernel.engines' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_an_interpreter_tune_for_vllm_names_its_studies_and_starts_from_vllms_default(tmp_path):
+    """E=8, topk=1, M=1: 1 * 1 * 4 <= 8, so the timed calls and the guard take vLLM's tiny-batch path."""
+    import optuna
+
+    import moe_opt
+
+    spec = ModelSpec.from_shape(num_experts=8, topk=1, hidden_size=256, intermediate_size=128)
+    storage = f"sqlite:///{tmp_path}/v.db"
+    r = moe_opt.tune(spec=spec, batch_sizes=[1], n_trials=2, storage=storage, output_dir=None, progress=False,
+                     target="vllm", down_config=False)
+    assert 1 in r.best
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert len(names) == 1 and "|kernel=builtin@1|target=vllm|M=1" in names[0]
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    assert study.user_attrs["target"] == "vllm"
+    assert Config.from_dict(study.user_attrs["default_config"]) == vllm_default_config(1, 8, 128, 256, 1, None)
