@@ -229,3 +229,17 @@ def test_an_interpreter_tune_for_vllm_names_its_studies_and_starts_from_vllms_de
     study = optuna.load_study(study_name=names[0], storage=storage)
     assert study.user_attrs["target"] == "vllm"
     assert Config.from_dict(study.user_attrs["default_config"]) == vllm_default_config(1, 8, 128, 256, 1, None)
+
+
+def test_vllm_launch_of_group_quantized_int4_stays_aligned_and_matches_the_reference():
+    """int4_w4a16 with groups never takes the tiny-batch path in vLLM; its trimmed grid still computes every slot."""
+    from moe_opt.kernel import quantize_weights
+
+    M, topk = 1, 2  # 1 * 2 * 4 <= 64, but group scales keep the alignment
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    w1, s1, z1 = quantize_weights(torch.randn(E, 2 * N, K) / K ** 0.5, "int4_w4a16", group_size=128)
+    w2, s2, z2 = quantize_weights(torch.randn(E, K, N) / N ** 0.5, "int4_w4a16", group_size=128)
+    topk_weights, topk_ids = torch.rand(M, E).softmax(-1).topk(topk)
+    kwargs = dict(quant_dtype="int4_w4a16", block_shape=[0, 128], w1_scale=s1, w2_scale=s2)
+    inputs = (x, w1, w2, topk_weights, topk_ids.to(torch.int32))
+    assert relative_error(inputs, kwargs, Config(16, 32, 64, 1, 4, 2), "vllm") < TOLERANCE["bf16"]
