@@ -166,7 +166,7 @@ def test_builtin_backend_follows_its_target():
 
 
 def test_unknown_kernels_and_targets_are_tune_errors():
-    with pytest.raises(TuneError, match="unknown kernel 'trtllm'; accepted: builtin, sglang, vllm"):
+    with pytest.raises(TuneError, match="unknown kernel 'trtllm'; accepted: builtin .*engine's own kernel: sglang, vllm"):
         get_backend("trtllm")
     with pytest.raises(TuneError, match="unknown target 'trtllm'; accepted: sglang, vllm"):
         get_backend("builtin", target="trtllm")
@@ -190,6 +190,9 @@ def test_tune_with_a_missing_engine_or_bad_target_fails_before_anything_runs():
     spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=128)
     with pytest.raises(TuneError, match="needs the vllm package"):
         moe_opt.tune(spec=spec, kernel="vllm", storage="sqlite:///:memory:", output_dir=None, progress=False)
+    with pytest.raises(TuneError, match="unknown kernel 'tgi'; accepted: builtin or a KernelBackend, or an installed "
+                                        "engine's own kernel: sglang, vllm"):
+        moe_opt.tune(spec=spec, kernel="tgi", storage="sqlite:///:memory:", output_dir=None, progress=False)
     with pytest.raises(TuneError, match="unknown target 'tgi'"):
         moe_opt.tune(spec=spec, target="tgi", storage="sqlite:///:memory:", output_dir=None, progress=False)
 

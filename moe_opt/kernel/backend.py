@@ -180,7 +180,9 @@ def get_backend(backend: str | KernelBackend = "builtin", target: str | None = N
         return backend
     name, _, ref_target = backend.partition(":")
     if name not in BACKENDS:
-        raise TuneError(f"unknown kernel {backend!r}; accepted: {', '.join(BACKENDS)}")
+        engines = ", ".join(n for n in BACKENDS if n != "builtin")
+        raise TuneError(f"unknown kernel {backend!r}; accepted: builtin (or builtin:<target>), or an installed "
+                        f"engine's own kernel: {engines}")
     target = target or ref_target or None
     if name == "builtin":
         return BuiltinBackend(target or "sglang")

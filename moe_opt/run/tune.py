@@ -161,7 +161,9 @@ def _check_arguments(args: dict[str, Any]) -> None:
                         "moe_opt.measure.base.Measurer")
     kernel = args["kernel"]
     if kernel not in BACKENDS if isinstance(kernel, str) else not isinstance(kernel, KernelBackend):
-        raise TuneError(f"unknown kernel {kernel!r}; accepted: {', '.join(BACKENDS)} or a KernelBackend")
+        engines = ", ".join(name for name in BACKENDS if name != "builtin")
+        raise TuneError(f"unknown kernel {kernel!r}; accepted: builtin or a KernelBackend, or an installed engine's "
+                        f"own kernel: {engines}")
     target = args["target"]
     if target is not None and target not in TARGETS:
         raise TuneError(f"unknown target {target!r}; accepted: {', '.join(TARGETS)}, or None")
