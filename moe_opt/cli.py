@@ -161,7 +161,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   tuned_config_dirs=args.tuned_config_dir, device=args.device, replay=args.replay,
                   compile_workers=args.compile_workers, progress=True, n_workers=args.workers,
                   confirm=not args.no_confirm, down_config=False if args.no_down_config else None,
-                  routing=args.routing, kernel=args.kernel)
+                  routing=args.routing, kernel=args.kernel, target=args.target)
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.worker_errors:
@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--routing", default="uniform",
                      help="routing of the timed calls: uniform (default), zipf<s> (skewed expert popularity, e.g. "
                           "zipf1.2) or trace:PATH (SGLang's topk_ids dumps, .pt or .npy; docs/routing.md)")
-    how.add_argument("--kernel", default="builtin", help="kernel backend to time (default builtin)")
+    how.add_argument("--kernel", default="builtin",
+                     help="kernel to time: builtin (default), or sglang / vllm: the installed engine's own kernel "
+                          "(docs/kernel.md)")
+    how.add_argument("--target", default=None, choices=["sglang", "vllm"],
+                     help="the engine the configs are for: its launch rules and default config (default sglang for "
+                          "the builtin kernel, the engine itself for an engine's kernel)")
     how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
     how.add_argument("--compile-workers", type=int, default=None,
                      help="processes compiling configs ahead of timing (default: usable CPU cores - 2, at most 15)")

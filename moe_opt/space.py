@@ -286,3 +286,35 @@ def default_config(M: int, E: int, dtype: str | None, block_shape: Sequence[int]
         return Config(16, 32, 64, 1, 4, 3)
     # SGLang gives BLOCK_SIZE_K 32 and GROUP_SIZE_M 8 here; both lie outside the tuning grid but are valid.
     return Config(64, 64, 32, 8, 4, 3)
+
+
+def vllm_default_config(M: int, E: int, N: int, K: int, topk: int, dtype: str | None,
+                        block_shape: Sequence[int] | None = None) -> Config:
+    """vLLM's fallback config when no tuned file exists (vllm/model_executor/layers/fused_moe/fused_moe.py,
+    get_default_config; its keys without num_warps/num_stages launch with Triton's 4 and 3).
+
+    Unlike SGLang's, per-tensor and per-channel fp8 get no configs of their own (only block-wise fp8 does), and
+    group-quantized int4_w4a16/int8_w8a16 (block_shape [0, group]) set BLOCK_SIZE_M by M (16 up to M 20, 32 up to
+    40, else 64) with GROUP_SIZE_M 1, and get_moe_wna16_block_config adds BLOCK_SIZE_N/BLOCK_SIZE_K for the Triton
+    kernel: 32/64 at one token (``num_valid_tokens // top_k == 1``), else 64/32. (Where vLLM would run its CUDA
+    moe_wna16 kernel instead, int4 with group 32/64/128 and M * topk / E <= 6, no Triton config applies; the
+    Triton kernel's is returned.) N, K and topk are vLLM's arguments; only the wna16 rule reads topk.
+
+    Example:
+        >>> str(vllm_default_config(1, 8, 14336, 4096, 2, None)), str(vllm_default_config(64, 8, 14336, 4096, 2, None))
+        ('M16 N32 K64 G1 w4 s3', 'M64 N64 K32 G8 w4 s3')
+        >>> str(vllm_default_config(64, 256, 256, 4096, 6, "fp8_w8a8", [128, 128]))
+        'M64 N128 K128 G32 w4 s3'
+        >>> str(vllm_default_config(1, 128, 768, 2048, 8, "fp8_w8a8")), str(vllm_default_config(30, 128, 768, 2048, 8, "int4_w4a16", [0, 128]))
+        ('M16 N32 K64 G1 w4 s3', 'M32 N64 K32 G1 w4 s3')
+    """
+    if dtype == "fp8_w8a8" and block_shape is not None:
+        return Config(64, int(block_shape[0]), int(block_shape[1]), 32, 4, 3)
+    if dtype in ("int4_w4a16", "int8_w8a16") and block_shape is not None:
+        block_m = 16 if M <= 20 else 32 if M <= 40 else 64
+        block_n, block_k = (32, 64) if M == 1 else (64, 32)  # num_valid_tokens // real_top_k == 1: one token
+        return Config(block_m, block_n, block_k, 1, 4, 3)
+    if M <= E:
+        return Config(16, 32, 64, 1, 4, 3)
+    return Config(64, 64, 32, 8, 4, 3)
+

@@ -106,3 +106,67 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size_m: int, num_experts:
                           BLOCK_SIZE_M=block_size_m, BUCKETS=triton.next_power_of_2(num_experts + 1), CHUNK=64)
     _scatter_kernel[grid](ids, ranks, offsets, sorted_token_ids, numel, num_experts, BLOCK=block)
     return AlignedSlots(sorted_token_ids, expert_ids, num_tokens_post_padded)
+
+
+# --- vLLM's launch rules (target="vllm") ---------------------------------------------------------------------------
+# vLLM's fused_experts_impl (vllm/model_executor/layers/fused_moe/fused_moe.py): "SPARSITY_FACTOR is a heuristic
+# margin ensuring num_tokens * top_k activates only a small fraction of total experts"; with it, and without an
+# expert_map or group-quantized int4/int8_w8a16 weights, moe_align_block_size is skipped.
+VLLM_SPARSITY_FACTOR = 4
+
+
+def vllm_uses_naive_block_assignment(M: int, topk: int, num_experts: int, group_quantized: bool) -> bool:
+    """vLLM's condition for its tiny-batch path: ``M * topk * SPARSITY_FACTOR <= E``, no expert_map (moe_opt
+    never has one) and not int4_w4a16/int8_w8a16 with block_shape [0, group] ("block quantized code path is not
+    implemented yet").
+
+    Example:
+        >>> vllm_uses_naive_block_assignment(1, 8, 256, False), vllm_uses_naive_block_assignment(9, 8, 256, False)
+        (True, False)
+    """
+    return not group_quantized and M * topk * VLLM_SPARSITY_FACTOR <= num_experts
+
+
+def vllm_naive_block_assignment(topk_ids: torch.Tensor, block_size_m: int) -> AlignedSlots:
+    """vLLM's naive block assignment: no sorting; block i computes the (token, expert) pair i alone (its first row;
+    the other BLOCK_SIZE_M - 1 rows are padding), its expert ``topk_ids.view(-1)[i]``, and
+    ``num_tokens_post_padded = M * topk * BLOCK_SIZE_M``. vLLM passes ``sorted_token_ids=None``; the GEMM kernels'
+    NAIVE path never reads it, so the expert ids stand in for the pointer.
+
+    Example:
+        >>> a = vllm_naive_block_assignment(torch.tensor([[3, 1]], dtype=torch.int32), 16)
+        >>> a.expert_ids.tolist(), int(a.num_tokens_post_padded)
+        ([3, 1], 32)
+    """
+    expert_ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    num_tokens_post_padded = torch.full((1,), expert_ids.numel() * block_size_m, dtype=torch.int32,
+                                        device=topk_ids.device)
+    return AlignedSlots(expert_ids, expert_ids, num_tokens_post_padded)
+
+
+def vllm_max_num_tokens_padded(numel: int, num_experts: int, block_size_m: int) -> int:
+    """The length of vLLM's sorted_token_ids (moe_align_block_size.py): ``numel + E * (BLOCK_SIZE_M - 1)``, or
+    ``numel * BLOCK_SIZE_M`` when that is smaller (numel < E)."""
+    padded = numel + num_experts * (block_size_m - 1)
+    return min(numel * block_size_m, padded) if numel < num_experts else padded
+
+
+def vllm_em(numel: int, a_rows: int, num_experts: int, block_size_m: int, naive: bool) -> int:
+    """The rows vLLM's invoke_fused_moe_kernel launches programs for (EM; the grid is
+    cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N)): ``numel * BLOCK_SIZE_M`` on the naive path; else the
+    sorted_token_ids length, trimmed to ``min(that, numel * BLOCK_SIZE_M)`` when the GEMM's A has fewer rows than
+    BLOCK_SIZE_M (``A.size(0) < config["BLOCK_SIZE_M"]``: GEMM1's A has M rows, GEMM2's M * topk). numel is
+    M * topk for both GEMMs (``num_tokens = M * top_k``, top_k 1 for GEMM2's M * topk rows).
+
+    Example:
+        >>> vllm_em(8, 4, 64, 16, False), vllm_em(8, 8, 64, 16, False), vllm_em(8, 8, 64, 16, True)
+        (128, 128, 128)
+        >>> vllm_em(256, 128, 64, 16, False)
+        1216
+    """
+    if naive:
+        return numel * block_size_m
+    em = vllm_max_num_tokens_padded(numel, num_experts, block_size_m)
+    if a_rows < block_size_m:
+        em = min(em, numel * block_size_m)
+    return em

@@ -71,12 +71,39 @@ class KernelBackend(Protocol):
         """The fused-MoE function on given activations and routing with ``inputs``' weights (the guard's call)."""
 
 
+# The engines whose launch rules and default configs the builtin kernel can follow (tune(target=...)).
+TARGETS = ("sglang", "vllm")
+
+
+def _check_target(target: str) -> str:
+    from ..errors import TuneError
+
+    if target not in TARGETS:
+        raise TuneError(f"unknown target {target!r}; accepted: {', '.join(TARGETS)}")
+    return target
+
+
 class BuiltinBackend:
-    """moe_opt's own Triton kernel (kernel/): SGLang's algorithm, tunables and default configs."""
+    """moe_opt's own Triton kernel (kernel/): SGLang's algorithm and tunables, launched by the target engine's rules
+    (SGLang's, or vLLM's tiny-batch path and grid trimming: fused_moe's ``launch``), its speedups over that engine's
+    default config.
+
+    Example:
+        >>> BuiltinBackend("vllm").ref, BuiltinBackend().ref
+        ('builtin:vllm', 'builtin')
+    """
 
     name = "builtin"
     version = "1"  # bump when the kernel's code changes what is timed
     specializes_on_m = False  # kernel/gemm.py: no batch-size-dependent argument is specialized on
+
+    def __init__(self, target: str = "sglang"):
+        self.target = _check_target(target)
+
+    @property
+    def ref(self) -> str:
+        """The string get_backend() rebuilds this backend from (what the measuring processes are given)."""
+        return self.name if self.target == "sglang" else f"{self.name}:{self.target}"
 
     def unsupported(self, spec: ModelSpec) -> str | None:
         if spec.activation not in SUPPORTED_ACTIVATIONS:
@@ -104,13 +131,15 @@ class BuiltinBackend:
         return None
 
     def default_config(self, spec: ModelSpec, M: int) -> Config:
+        if self.target == "vllm":
+            return space.vllm_default_config(M, spec.E, spec.N, spec.K, spec.topk, spec.dtype, spec.block_shape)
         return space.default_config_for(spec, M)
 
     def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0,
                     routing: Any = None) -> Any:
         from .inputs import MoeInputs
 
-        return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing)
+        return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing, launch=self.target)
 
     def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
         return inputs.call(config, M, routing_index)
@@ -124,26 +153,52 @@ class BuiltinBackend:
 
         up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
         return fused_moe(x, inputs.w1, inputs.w2, topk_weights, topk_ids, up, config_down=down, out=out,
-                         **inputs.kwargs)
+                         launch=inputs.launch, **inputs.kwargs)
 
 
-BACKENDS: dict[str, type] = {"builtin": BuiltinBackend}
+def _engine_backends() -> dict[str, type]:
+    from .engines import SGLangBackend, VLLMBackend  # no engine is imported here: each imports it when built
+
+    return {"sglang": SGLangBackend, "vllm": VLLMBackend}
 
 
-def get_backend(backend: str | KernelBackend = "builtin") -> KernelBackend:
-    """A backend by name (or the backend object given).
+BACKENDS: dict[str, Any] = {"builtin": BuiltinBackend, "sglang": None, "vllm": None}  # engines: kernel/engines.py
+
+
+def get_backend(backend: str | KernelBackend = "builtin", target: str | None = None) -> KernelBackend:
+    """A backend by name (or the backend object given): "builtin" (its target engine ``target``, default SGLang;
+    also written "builtin:vllm"), or an engine's own kernel, "sglang" or "vllm" (kernel/engines.py; the engine is
+    imported here, and a missing one is a TuneError).
 
     Example:
-        >>> get_backend("builtin").name
-        'builtin'
+        >>> get_backend("builtin").name, get_backend("builtin", target="vllm").target
+        ('builtin', 'vllm')
     """
     from ..errors import TuneError
 
     if not isinstance(backend, str):
         return backend
-    if backend not in BACKENDS:
-        raise TuneError(f"unknown kernel {backend!r}; accepted: {', '.join(BACKENDS)}")
-    return BACKENDS[backend]()
+    name, _, ref_target = backend.partition(":")
+    if name not in BACKENDS:
+        engines = ", ".join(n for n in BACKENDS if n != "builtin")
+        raise TuneError(f"unknown kernel {backend!r}; accepted: builtin (or builtin:<target>), or an installed "
+                        f"engine's own kernel: {engines}")
+    target = target or ref_target or None
+    if name == "builtin":
+        return BuiltinBackend(target or "sglang")
+    if target is not None and target != name:
+        raise TuneError(f"kernel {name!r} times {name}'s own kernel, so its target is {name}; got target {target!r}")
+    return _engine_backends()[name]()
+
+
+def backend_ref(backend: KernelBackend) -> str:
+    """The string that rebuilds ``backend`` in another process (its ``ref``, else its name)."""
+    return getattr(backend, "ref", backend.name)
+
+
+def backend_target(backend: KernelBackend) -> str:
+    """The engine whose launch rules and default config the backend follows ("sglang" unless it says)."""
+    return getattr(backend, "target", "sglang")
 
 
 def backend_key(backend: KernelBackend) -> str:

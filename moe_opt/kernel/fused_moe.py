@@ -9,12 +9,15 @@ import torch
 from ..errors import ConfigError
 from ..space import Config, as_config
 from . import activation as act
-from .align import moe_align_block_size
+from .align import moe_align_block_size, vllm_em, vllm_naive_block_assignment, vllm_uses_naive_block_assignment
 from .gemm import QUANT_BLOCK, QUANT_NONE, QUANT_PER_CHANNEL, QUANT_PER_TENSOR, QUANT_W8A16, invoke_fused_moe_kernel
 from .gemm_wna16 import invoke_fused_moe_kernel_wna16
 from .quant import FP8_DTYPE, group_size_of, resolve_quant_dtype
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+# Whose launch rules the call follows (the target engine, docs/kernel.md): SGLang's, or vLLM's tiny-batch path
+# and grid trimming (align.py's vllm_* functions).
+LAUNCH_RULES = ("sglang", "vllm")
 QUANT_WNA16 = -1  # group-quantized weights: gemm_wna16.py's kernel rather than gemm.py's
 
 # Weight dtype of each format; int8_w8a16 is uint8 when group-quantized (GPTQ 8-bit, SGLang's moe_wna16).
@@ -172,7 +175,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
               w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
               w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, config_down: Config | Mapping[str, int] | None = None,
-              out: torch.Tensor | None = None, up_only: bool = False) -> torch.Tensor:
+              out: torch.Tensor | None = None, up_only: bool = False, launch: str = "sglang") -> torch.Tensor:
     """Fused Mixture-of-Experts layer: ``sum_k w_k * (act(x @ w1[e_k].T) @ w2[e_k].T)`` for each token.
 
     Args:
@@ -204,6 +207,10 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         out: optional (M, K) output tensor.
         up_only: stop after GEMM1's stage (alignment, GEMM1, activation) and return GEMM2's input: how a pair
             tune times GEMM1's stage alone (measure/cuda_graph.py); GEMM2's is the rest of the call.
+        launch: whose launch rules to follow: "sglang" (moe_align_block_size always; the grid covers the whole
+            sorted_token_ids) or "vllm" (vLLM's fused_experts_impl: below M * topk * 4 <= E each (token, expert)
+            pair gets a block of its own without alignment; the grid trimmed to M * topk * BLOCK_SIZE_M rows where
+            a GEMM's input has fewer than BLOCK_SIZE_M rows). Same result either way; what differs is the work.
 
     Returns:
         (M, K) tensor in x's dtype (with ``up_only``: GEMM2's (M*topk, N) input).
@@ -222,6 +229,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         ...                   block_shape=[0, 128], w1_scale=s1, w2_scale=s2).shape  # doctest: +SKIP
         torch.Size([4, 256])
     """
+    if launch not in LAUNCH_RULES:
+        raise ConfigError(f"unknown launch {launch!r}; accepted: {', '.join(LAUNCH_RULES)}")
     config = as_config(config)
     config_down = config if config_down is None else as_config(config_down)
     if config_down.BLOCK_SIZE_M != config.BLOCK_SIZE_M:
@@ -235,19 +244,24 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     E, two_n, _ = w1.shape
     topk = topk_ids.shape[1]
     dtype = x.dtype
-    aligned = moe_align_block_size(topk_ids, config.BLOCK_SIZE_M, E)
+    block_m = config.BLOCK_SIZE_M
+    naive = launch == "vllm" and vllm_uses_naive_block_assignment(M, topk, E, scheme.quant == QUANT_WNA16)
+    aligned = vllm_naive_block_assignment(topk_ids, block_m) if naive else moe_align_block_size(topk_ids, block_m, E)
+    # Rows each GEMM's grid covers: GEMM1's input has M rows, GEMM2's M * topk (vLLM's A.size(0)).
+    em1 = vllm_em(M * topk, M, E, block_m, naive) if launch == "vllm" else None
+    em2 = vllm_em(M * topk, M * topk, E, block_m, naive) if launch == "vllm" else None
     topk_weights = topk_weights.float().contiguous() if topk_weights.dtype != torch.float32 else topk_weights
 
-    def gemm(a, w, c, a_scale, w_scale, w_zp, routed_weights, top_k, cfg):
-        if quant == QUANT_WNA16:
+    def gemm(a, w, c, a_scale, w_scale, w_zp, routed_weights, top_k, cfg, em):
+        if quant == QUANT_WNA16:  # never naive: vLLM keeps the alignment for group-quantized weights
             invoke_fused_moe_kernel_wna16(a, w, c, w_scale, w_zp, routed_weights, aligned, top_k, cfg,
                                           compute_type=dtype, group_size=scheme.group_size,
                                           int4=scheme.quant_dtype == "int4_w4a16",
-                                          mul_routed_weight=routed_weights is not None)
+                                          mul_routed_weight=routed_weights is not None, em=em)
         else:
             invoke_fused_moe_kernel(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg,
                                     compute_type=dtype, quant=quant, block_shape=block_shape,
-                                    mul_routed_weight=routed_weights is not None)
+                                    mul_routed_weight=routed_weights is not None, em=em, naive=naive)
 
     # GEMM1: (M, K) x (E, 2N, K) -> (M*topk, 2N)
     if quant == QUANT_BLOCK:
@@ -260,7 +274,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     else:
         a1, a1s = x, None
     h = torch.empty(M * topk, two_n, dtype=dtype, device=x.device)
-    gemm(a1, w1, h, a1s, w1_scale, w1_zp, None, topk, config)
+    gemm(a1, w1, h, a1s, w1_scale, w1_zp, None, topk, config, em1)
 
     # Activation (+ quantization of GEMM2's input), one Triton kernel.
     if quant == QUANT_BLOCK:
@@ -278,7 +292,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
 
     # GEMM2: (M*topk, N) x (E, K, N) -> (M*topk, K), times the routed weight of each slot.
     y = torch.empty(M * topk, K, dtype=dtype, device=x.device)
-    gemm(a2, w2, y, a2s, w2_scale, w2_zp, topk_weights, 1, config_down)
+    gemm(a2, w2, y, a2s, w2_scale, w2_zp, topk_weights, 1, config_down, em2)
 
     # Sum over topk.
     if out is None:

@@ -45,7 +45,7 @@ def fused_moe_kernel(
     GROUP_SIZE_M: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
     QUANT: tl.constexpr, INT8_DOT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INTERP_ROUND: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INTERP_ROUND: tl.constexpr, NAIVE: tl.constexpr = False,
 ):
     # Grouped ordering of the (M blocks x N blocks) tiles, as in Triton's matmul tutorial.
     pid = tl.program_id(axis=0)
@@ -61,8 +61,14 @@ def fused_moe_kernel(
     num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
         return
-    offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
-    offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
+    if NAIVE:
+        # vLLM's tiny-batch path (align.vllm_naive_block_assignment): block pid_m holds the (token, expert) pair
+        # pid_m in its first row and padding in the others; sorted_token_ids is not read.
+        offs = tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+        offs_token = tl.where(offs == 0, pid_m, num_valid_tokens).to(tl.int64)
+    else:
+        offs_token_id = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M).to(tl.int64)
+        offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
     token_mask = offs_token < num_valid_tokens
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     c_ptrs = c_ptr + stride_cm * offs_token[:, None] + stride_cn * offs_cn[None, :]
@@ -164,11 +170,17 @@ def use_swap_ab(config: Config, fp8: bool, device: torch.device) -> bool:
 def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor | None,
                             b_scale: torch.Tensor | None, topk_weights: torch.Tensor | None,
                             aligned: AlignedSlots, top_k: int, config: Config, *, compute_type: torch.dtype,
-                            quant: int, block_shape: tuple[int, int] | None, mul_routed_weight: bool) -> None:
-    """Launch fused_moe_kernel: C (M*topk, N) = per-slot A @ B[expert].T with B of shape (E, N, K)."""
+                            quant: int, block_shape: tuple[int, int] | None, mul_routed_weight: bool,
+                            em: int | None = None, naive: bool = False) -> None:
+    """Launch fused_moe_kernel: C (M*topk, N) = per-slot A @ B[expert].T with B of shape (E, N, K).
+
+    ``em``: the rows the grid covers (default: the length of sorted_token_ids, SGLang's); ``naive``: vLLM's
+    tiny-batch block assignment, one (token, expert) pair per block (align.vllm_naive_block_assignment).
+    """
     sorted_token_ids, expert_ids, num_tokens_post_padded = aligned
     E, N, K = b.shape
-    EM = sorted_token_ids.shape[0]  # an upper bound; programs past num_tokens_post_padded return at once
+    # An upper bound; programs past num_tokens_post_padded return at once.
+    EM = sorted_token_ids.shape[0] if em is None else em
     grid = (triton.cdiv(EM, config.BLOCK_SIZE_M) * triton.cdiv(N, config.BLOCK_SIZE_N),)
     group_n, group_k = block_shape if quant == QUANT_BLOCK else (0, 0)
     stride_asm = stride_ask = stride_bse = stride_bsn = stride_bsk = 0
@@ -193,6 +205,6 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=triton_dtype,
         QUANT=quant, INT8_DOT=a.dtype == torch.int8, EVEN_K=K % config.BLOCK_SIZE_K == 0,
         SWAP_AB=use_swap_ab(config, a.dtype == FP8_DTYPE, a.device),
-        UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type),
+        UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type), NAIVE=naive,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

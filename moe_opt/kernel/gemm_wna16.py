@@ -120,12 +120,14 @@ def invoke_fused_moe_kernel_wna16(a: torch.Tensor, b: torch.Tensor, c: torch.Ten
                                   b_zp: torch.Tensor | None, topk_weights: torch.Tensor | None,
                                   aligned: AlignedSlots, top_k: int, config: Config, *,
                                   compute_type: torch.dtype, group_size: int, int4: bool,
-                                  mul_routed_weight: bool) -> None:
-    """Launch fused_moe_kernel_wna16: C (M*topk, N) = per-slot A @ dequant(B[expert]).T, B (E, N, K or K/2)."""
+                                  mul_routed_weight: bool, em: int | None = None) -> None:
+    """Launch fused_moe_kernel_wna16: C (M*topk, N) = per-slot A @ dequant(B[expert]).T, B (E, N, K or K/2).
+
+    ``em``: the rows the grid covers (default: the length of sorted_token_ids, SGLang's)."""
     sorted_token_ids, expert_ids, num_tokens_post_padded = aligned
     N = b.shape[1]
     K = a.shape[1]
-    EM = sorted_token_ids.shape[0]
+    EM = sorted_token_ids.shape[0] if em is None else em
     grid = (triton.cdiv(EM, config.BLOCK_SIZE_M) * triton.cdiv(N, config.BLOCK_SIZE_N),)
     stride_bze, stride_bzn, stride_bzk = b_zp.stride() if b_zp is not None else (0, 0, 0)
     triton_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[compute_type]

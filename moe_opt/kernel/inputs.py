@@ -22,8 +22,9 @@ class MoeInputs:
     """
 
     def __init__(self, spec: ModelSpec, device, *, routing_sets: int = 10, seed: int = 0,
-                 routing: RoutingSpec | None = None):
+                 routing: RoutingSpec | None = None, launch: str = "sglang"):
         self.spec = spec
+        self.launch = launch  # whose launch rules each call follows (fused_moe's launch): the target engine
         self.routing = routing if routing is not None else RoutingSpec()
         self._route = self.routing.router(spec.E, spec.topk)  # a trace is read and checked here, once
         self.device = torch.device(device)
@@ -79,6 +80,6 @@ class MoeInputs:
         weights, ids = routing[routing_index % len(routing)]
         up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
         return fused_moe(x, self.w1, self.w2, weights, ids, up, config_down=down, out=out, up_only=up_only,
-                         **self.kwargs)
+                         launch=self.launch, **self.kwargs)
 
 

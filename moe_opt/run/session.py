@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from .. import space
 from ..errors import TuneError
-from ..kernel.backend import backend_key, get_backend
+from ..kernel.backend import backend_key, backend_ref, backend_target, get_backend
 from ..measure.base import MeasurerInfo, custom_info
 from ..measure.checked import check_measurer
 from ..measure.interpreter import interpreter_spec
@@ -71,6 +71,7 @@ class TunePlan:
     compile_pool: Any = None
     confirm: bool = True
     kernel: str = "builtin"
+    target: str | None = None  # the engine whose launch rules and default the builtin follows (None: SGLang)
     routing: Any = "uniform"  # a model.routing.RoutingSpec or its words: "uniform", "zipf1.2", "trace:PATH"
     down_config: bool | None = None  # a config per GEMM (SGLang's _down file); None: where each GEMM can be timed
 
@@ -107,7 +108,7 @@ class TuneSession:
         self.plan = plan
         self.worker = worker
         self.started = time.perf_counter()
-        self.backend = get_backend(plan.kernel)
+        self.backend = get_backend(plan.kernel, target=plan.target)
         self.routing = plan.routing if isinstance(plan.routing, RoutingSpec) else RoutingSpec.parse(plan.routing)
         self.spec = plan.spec
         self.table = None  # the replay table, in replay mode
@@ -209,8 +210,8 @@ class TuneSession:
 
             self.devices = worker_devices(plan.n_workers, plan.device)
         device = "cuda:0" if self.parallel else plan.device
-        self.pair = plan.down_config is not False
-        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.name,
+        self.pair = self._pair()
+        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, backend_ref(self.backend),
                                                   routing=self.routing, split_stages=self.pair)
         self._owned.append(self.measurer)
         if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
@@ -223,7 +224,7 @@ class TuneSession:
 
         plan = self.plan
         given, self.spec = self.spec, interpreter_spec(self.spec)
-        self.pair = plan.down_config is not False
+        self.pair = self._pair()
         self.measurer = InterpreterTimer(self.spec, backend=self.backend, routing=self.routing, split_stages=self.pair)
         if plan.batch_sizes is None:
             plan.batch_sizes = INTERPRETER_BATCH_SIZES
@@ -237,13 +238,22 @@ class TuneSession:
             print(f"moe-opt: no GPU found; running Triton's CPU interpreter on {shape}. Timings are wall-clock "
                   "interpreter times, NOT performance numbers.", flush=True)
 
+    def _pair(self) -> bool:
+        """Whether to search a config per GEMM: where asked (None: wherever the backend times GEMM1 apart; an
+        engine's fused_experts cannot)."""
+        stages = getattr(self.backend, "times_stages", True)
+        if self.plan.down_config and not stages:
+            raise TuneError(f"down_config=True needs a kernel that times each GEMM on its own; kernel "
+                            f"{self.backend.name!r} runs the engine's whole fused_experts call")
+        return self.plan.down_config is not False and stages
+
     def _start_compile_pool(self):
         """The compile pool of a GPU tune, its workers started at once (their imports overlap the study set-up)."""
         from ..measure.compile_pool import CompilePool
 
         pool = CompilePool(self.spec, workers=self.plan.compile_workers, device=self.plan.device or "cuda",
                            shared_memory_bytes=self.info.shared_memory_bytes if self.info else None,
-                           backend=self.backend.name)
+                           backend=backend_ref(self.backend))
         self._owned.append(pool)
         pool.prestart()
         return pool
@@ -273,7 +283,7 @@ class TuneSession:
         triton = meta.get("triton") if self.table is not None else None
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
                              table_name=Path(self.plan.replay).stem if self.table is not None else None,
-                             routing=self.routing.key(), pair=self.pair)
+                             routing=self.routing.key(), pair=self.pair, target=backend_target(self.backend))
 
     def _open_studies(self) -> None:
         import optuna

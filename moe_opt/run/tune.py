@@ -23,7 +23,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
          measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
-         kernel: str = "builtin", routing: Any = "uniform", down_config: bool | None = None) -> TuneResult:
+         kernel: str = "builtin", routing: Any = "uniform", down_config: bool | None = None,
+         target: str | None = None) -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     One Optuna study per batch size is searched (moe_opt's search by default), every trial claimed so that any
@@ -63,7 +64,11 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             :class:`~moe_opt.measure.compile_pool.CompilePool` of ``compile_workers`` processes).
         confirm: after the search, re-measure each batch size's close contenders and SGLang's default three more
             times and rank and report them by those medians (not in replay mode or on the interpreter).
-        kernel: the kernel backend to time ("builtin"; kernel/backend.py).
+        kernel: the kernel backend to time: "builtin" (moe_opt's Triton kernel), or an installed engine's own
+            fused-MoE path, "sglang" or "vllm" (kernel/engines.py; needs the engine and a GPU).
+        target: the engine the builtin kernel tunes for, "sglang" (None, the default) or "vllm": its launch rules
+            (vLLM's tiny-batch path and grid trimming) and its default config, the baseline of every speedup. Part
+            of the study identity. An engine kernel's target is that engine.
         routing: the routing of the timed calls (docs/routing.md): "uniform" (default: a real top-k over random
             logits), "zipf<s>" (expert popularity 1/rank^s, e.g. "zipf1.2"), "trace:PATH" (slices of a recorded
             trace: SGLang's topk_ids dumps, .pt or .npy), or a model.routing.RoutingSpec. Part of the study identity.
@@ -100,7 +105,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                     tuned_config_dirs=list(tuned_config_dirs), device=device, replay=replay, measurer=measurer,
                     compile_workers=compile_workers, progress=progress, n_workers=n_workers, guard=guard,
                     measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel,
-                    routing=routing, down_config=down_config)
+                    routing=routing, down_config=down_config, target=target)
     with TuneSession(plan) as session:
         session.prepare()
         session.search()
@@ -115,7 +120,7 @@ def _check_arguments(args: dict[str, Any]) -> None:
     """Every argument of tune() of the wrong type or out of range is a one-line TuneError, before anything is
     resolved, opened or written (batch sizes, the storage URL and the replay table are checked where they are
     read: run/session.py, store/storage.py, measure/replay.py)."""
-    from ..kernel.backend import BACKENDS, KernelBackend
+    from ..kernel.backend import BACKENDS, TARGETS, KernelBackend
     from ..model.resolve import _DTYPE_ARGS
 
     for name in ("n_trials", "compile_workers"):
@@ -156,7 +161,15 @@ def _check_arguments(args: dict[str, Any]) -> None:
                         "moe_opt.measure.base.Measurer")
     kernel = args["kernel"]
     if kernel not in BACKENDS if isinstance(kernel, str) else not isinstance(kernel, KernelBackend):
-        raise TuneError(f"unknown kernel {kernel!r}; accepted: {', '.join(BACKENDS)} or a KernelBackend")
+        engines = ", ".join(name for name in BACKENDS if name != "builtin")
+        raise TuneError(f"unknown kernel {kernel!r}; accepted: builtin or a KernelBackend, or an installed engine's "
+                        f"own kernel: {engines}")
+    target = args["target"]
+    if target is not None and target not in TARGETS:
+        raise TuneError(f"unknown target {target!r}; accepted: {', '.join(TARGETS)}, or None")
+    if target is not None and isinstance(kernel, str) and kernel != "builtin" and target != kernel:
+        raise TuneError(f"kernel {kernel!r} times {kernel}'s own kernel, so its target is {kernel}; got target "
+                        f"{target!r}")
     _check_storage(args["storage"])
     _check_sampler(args["sampler"])
 

@@ -57,6 +57,8 @@ class StudyIdentity:
         routing: the routing of the timed calls (model.routing.RoutingSpec.key()): "uniform" (left out of the
             name, as in every study before routing could be chosen), "zipf1.2", "trace:<file>@<sha1>".
         pair: whether the tune searches a config per GEMM (its trials carry each GEMM stage's time: "|pair").
+        target: the engine whose launch rules and default config the timed calls follow ("sglang", left out of the
+            name as in every study before targets; "vllm": "|target=vllm").
 
     Example:
         >>> spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336)
@@ -71,14 +73,16 @@ class StudyIdentity:
     table_name: str | None = None
     routing: str = "uniform"
     pair: bool = False
+    target: str = "sglang"
 
     @property
     def base(self) -> str:
         """Everything but the batch size."""
+        target = f"|target={self.target}" if self.target != "sglang" else ""
         routing = f"|routing={self.routing}" if self.routing != "uniform" else ""
         pair = "|pair" if self.pair else ""
         return (f"{STUDY_PREFIX}|{shape_key(self.spec, self.table_name)}|{self.source.replace(' ', '_')}"
-                f"|triton={self.triton_version}|kernel={self.kernel}{routing}{pair}")
+                f"|triton={self.triton_version}|kernel={self.kernel}{target}{routing}{pair}")
 
     def name(self, M: int) -> str:
         """``<base>|M=<M>``: readable in the dashboard and sorted by shape, then source, then batch size."""
@@ -93,7 +97,7 @@ class StudyIdentity:
         """The study's user attributes (device_name names the engines' files; for a replay, the table's GPU)."""
         attrs: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "moe_opt_base": self.base, "M": M, "source": self.source,
-            "kernel": self.kernel, "routing": self.routing, "pair": self.pair, "device_name": device_name, "triton_version": self.triton_version,
+            "kernel": self.kernel, "target": self.target, "routing": self.routing, "pair": self.pair, "device_name": device_name, "triton_version": self.triton_version,
             "torch_version": torch_version, "measurement": description, "is_performance": is_performance,
         }
         spec = self.spec

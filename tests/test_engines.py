@@ -1,0 +1,253 @@
+"""Target engines and engine backends: the builtin kernel launched by vLLM's rules computes the same function as the
+float64 reference; vLLM's default configs are the ones its source gives; engine kernels are chosen by name, and a
+missing engine (here: both) is a one-line error naming the package; the target is part of a study's name.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_opt import ConfigError, TuneError, fused_moe
+from moe_opt.kernel import fused_moe_reference, quantize_weight_fp8
+from moe_opt.kernel.align import (
+    VLLM_SPARSITY_FACTOR,
+    vllm_em,
+    vllm_max_num_tokens_padded,
+    vllm_naive_block_assignment,
+    vllm_uses_naive_block_assignment,
+)
+from moe_opt.kernel.backend import BuiltinBackend, backend_key, get_backend
+from moe_opt.kernel.engines import SGLANG_KNOWN_VERSIONS, VLLM_KNOWN_VERSIONS
+from moe_opt.model.spec import ModelSpec
+from moe_opt.space import Config, default_config, vllm_default_config
+from moe_opt.store.identity import StudyIdentity
+
+E, N, K = 64, 128, 256  # E large enough that M * topk * 4 <= E holds up to topk 8
+TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "fp8_tensor": 6e-2, "fp8_block": 6e-2}  # tests/test_kernel.py's bounds
+SMALL = Config(16, 32, 64, 1, 4, 2)
+MID = Config(32, 64, 128, 16, 4, 3)
+BIG_M = Config(128, 128, 64, 32, 8, 3)
+
+
+def make_case(dtype_path, M, topk, *, active_experts=E, ep_drop=False, swiglu_limit=None):
+    """Fresh random inputs; experts >= active_experts receive no tokens; ep_drop marks some slots -1."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(M, K, generator=gen) * (8 if swiglu_limit else 1)
+    w1 = torch.randn(E, 2 * N, K, generator=gen) / K ** 0.5
+    w2 = torch.randn(E, K, N, generator=gen) / N ** 0.5
+    logits = torch.randn(M, E, generator=gen)
+    logits[:, active_experts:] = -float("inf")
+    topk_weights, topk_ids = logits.softmax(-1).topk(topk)
+    topk_ids = topk_ids.to(torch.int32)
+    if ep_drop:
+        topk_ids[torch.rand(M, topk, generator=gen) < 0.3] = -1
+    kwargs: dict = {"swiglu_limit": swiglu_limit}
+    if dtype_path in ("fp16", "bf16"):
+        dtype = torch.float16 if dtype_path == "fp16" else torch.bfloat16
+        w1, w2 = w1.to(dtype), w2.to(dtype)
+    else:
+        dtype = torch.bfloat16
+        block_shape = [128, 128] if dtype_path == "fp8_block" else None
+        w1, s1 = quantize_weight_fp8(w1, block_shape)
+        w2, s2 = quantize_weight_fp8(w2, block_shape)
+        kwargs.update(block_shape=block_shape, w1_scale=s1, w2_scale=s2)
+    return (x.to(dtype), w1, w2, topk_weights, topk_ids), kwargs
+
+
+def relative_error(inputs, kwargs, config, launch):
+    x = inputs[0]
+    out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype)  # poisoned: an unwritten element fails
+    fused_moe(*inputs, config, out=out, launch=launch, **kwargs)
+    ref = fused_moe_reference(*inputs, **kwargs)
+    got = out.double()
+    assert not got.isnan().any(), "some output elements were never written"
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+# (dtype path, M, topk, config, case): the tiny-batch path (M * topk * 4 <= 64) at topk 1..8, odd M, experts
+# without tokens, slots on another EP rank, the clamp.
+NAIVE_CASES = [
+    ("fp16", 1, 1, SMALL, {}),
+    ("bf16", 1, 8, BIG_M, {"swiglu_limit": 10.0}),
+    ("fp16", 3, 5, MID, {"active_experts": 20}),
+    ("fp8_tensor", 2, 8, SMALL, {}),
+    ("fp8_block", 1, 4, BIG_M, {"ep_drop": True}),
+    ("bf16", 5, 3, SMALL, {"active_experts": 8, "ep_drop": True}),
+]
+
+
+@pytest.mark.parametrize("dtype_path,M,topk,config,case", NAIVE_CASES)
+def test_vllm_tiny_batch_path_matches_float64_reference(dtype_path, M, topk, config, case):
+    assert vllm_uses_naive_block_assignment(M, topk, E, False)
+    inputs, kwargs = make_case(dtype_path, M, topk, **case)
+    err = relative_error(inputs, kwargs, config, "vllm")
+    assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"
+
+
+# Aligned, with the grid trimmed (M < BLOCK_SIZE_M, one GEMM or both) and untrimmed.
+ALIGNED_CASES = [
+    ("fp16", 5, 8, BIG_M, {}),            # GEMM1 and GEMM2 trimmed (5 and 40 rows < 128)
+    ("bf16", 17, 2, MID, {"active_experts": 12}),  # GEMM1 trimmed (17 < 32), GEMM2 not (34 rows)
+    ("fp8_block", 33, 6, SMALL, {"ep_drop": True}),  # neither
+]
+
+
+@pytest.mark.parametrize("dtype_path,M,topk,config,case", ALIGNED_CASES)
+def test_vllm_trimmed_grid_matches_float64_reference(dtype_path, M, topk, config, case):
+    assert not vllm_uses_naive_block_assignment(M, topk, E, False)
+    inputs, kwargs = make_case(dtype_path, M, topk, **case)
+    err = relative_error(inputs, kwargs, config, "vllm")
+    assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"
+
+
+def test_vllm_launch_gives_the_same_output_as_sglangs():
+    inputs, kwargs = make_case("fp16", 2, 4, active_experts=10)
+    outs = [fused_moe(*inputs, SMALL, launch=launch, **kwargs) for launch in ("sglang", "vllm")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+
+
+def test_vllm_tiny_batch_condition_is_vllms():
+    """fused_experts_impl: num_tokens * top_k * SPARSITY_FACTOR (4) <= global_num_experts, not for group scales."""
+    assert VLLM_SPARSITY_FACTOR == 4
+    assert vllm_uses_naive_block_assignment(4, 8, 128, False)      # 128 <= 128
+    assert not vllm_uses_naive_block_assignment(5, 8, 128, False)  # 160 > 128
+    assert not vllm_uses_naive_block_assignment(1, 8, 8, False)    # Mixtral: never
+    assert not vllm_uses_naive_block_assignment(1, 1, 256, True)   # int4/int8_w8a16 with groups: aligned
+
+
+def test_vllm_block_assignment_and_grid_rows():
+    ids = torch.tensor([[5, -1], [2, 7]], dtype=torch.int32)
+    a = vllm_naive_block_assignment(ids, 32)
+    assert a.expert_ids.tolist() == [5, -1, 2, 7] and int(a.num_tokens_post_padded) == 4 * 32
+    assert vllm_em(4, 2, 64, 32, naive=True) == 128
+    # numel < E: sorted_token_ids holds numel * BLOCK_SIZE_M; else numel + E * (BLOCK_SIZE_M - 1).
+    assert vllm_max_num_tokens_padded(8, 64, 16) == 128 and vllm_max_num_tokens_padded(100, 64, 16) == 1060
+    assert vllm_em(100, 50, 64, 64, naive=False) == min(100 + 64 * 63, 100 * 64)  # GEMM1: 50 rows < 64
+    assert vllm_em(100, 100, 64, 64, naive=False) == 100 + 64 * 63  # GEMM2: 100 rows >= 64, untrimmed
+
+
+def test_unknown_launch_is_a_config_error():
+    inputs, kwargs = make_case("fp16", 1, 1)
+    with pytest.raises(ConfigError, match="unknown launch 'trtllm'; accepted: sglang, vllm"):
+        fused_moe(*inputs, SMALL, launch="trtllm", **kwargs)
+
+
+@pytest.mark.parametrize("M,E_,dtype,block_shape,want", [
+    # vLLM get_default_config: M <= E -> 16/32/64/1; else 64/64/32/8 (no num_warps/num_stages: Triton's 4, 3).
+    (1, 8, None, None, Config(16, 32, 64, 1, 4, 3)),
+    (64, 8, None, None, Config(64, 64, 32, 8, 4, 3)),
+    (64, 128, None, None, Config(16, 32, 64, 1, 4, 3)),
+    # per-tensor fp8 takes the generic ones in vLLM (SGLang has fp8 configs of its own).
+    (1, 128, "fp8_w8a8", None, Config(16, 32, 64, 1, 4, 3)),
+    (256, 128, "fp8_w8a8", None, Config(64, 64, 32, 8, 4, 3)),
+    # block fp8: BLOCK_SIZE_N/K = block_shape, GROUP_SIZE_M 32, num_stages 3 (CUDA).
+    (4096, 256, "fp8_w8a8", [128, 128], Config(64, 128, 128, 32, 4, 3)),
+    # wna16: BLOCK_SIZE_M by M (<= 20: 16, <= 40: 32, else 64), GROUP_SIZE_M 1; N/K from
+    # get_moe_wna16_block_config's Triton branch (one token: 32/64, else 64/32).
+    (1, 128, "int4_w4a16", [0, 128], Config(16, 32, 64, 1, 4, 3)),
+    (20, 128, "int4_w4a16", [0, 128], Config(16, 64, 32, 1, 4, 3)),
+    (40, 128, "int8_w8a16", [0, 64], Config(32, 64, 32, 1, 4, 3)),
+    (41, 128, "int4_w4a16", [0, 128], Config(64, 64, 32, 1, 4, 3)),
+])
+def test_vllm_default_config_is_vllms(M, E_, dtype, block_shape, want):
+    assert vllm_default_config(M, E_, 768, 2048, 8, dtype, block_shape) == want
+
+
+def test_vllm_and_sglang_defaults_differ_where_vllm_says():
+    assert vllm_default_config(1, 128, 768, 2048, 8, "fp8_w8a8") != default_config(1, 128, "fp8_w8a8")
+
+
+def test_builtin_backend_follows_its_target():
+    spec = ModelSpec.from_shape(num_experts=128, topk=8, hidden_size=2048, intermediate_size=768, dtype="fp8_w8a8")
+    assert get_backend("builtin").default_config(spec, 1) == default_config(1, 128, "fp8_w8a8")
+    vllm = get_backend("builtin", target="vllm")
+    assert vllm.target == "vllm" and vllm.default_config(spec, 1) == Config(16, 32, 64, 1, 4, 3)
+    assert get_backend("builtin:vllm").target == "vllm" and get_backend(vllm) is vllm
+    assert backend_key(vllm) == backend_key(BuiltinBackend()) == "builtin@1"  # the target is named apart
+
+
+def test_unknown_kernels_and_targets_are_tune_errors():
+    with pytest.raises(TuneError, match="unknown kernel 'trtllm'; accepted: builtin .*engine's own kernel: sglang, vllm"):
+        get_backend("trtllm")
+    with pytest.raises(TuneError, match="unknown target 'trtllm'; accepted: sglang, vllm"):
+        get_backend("builtin", target="trtllm")
+    with pytest.raises(TuneError, match="kernel 'vllm' times vllm's own kernel"):
+        get_backend("vllm", target="sglang")
+
+
+@pytest.mark.parametrize("engine,known", [("sglang", SGLANG_KNOWN_VERSIONS), ("vllm", VLLM_KNOWN_VERSIONS)])
+def test_missing_engine_is_one_line_naming_the_package(engine, known):
+    """Neither engine is installed here (they need CUDA): the real missing-engine path."""
+    with pytest.raises(TuneError) as e:
+        get_backend(engine)
+    msg = str(e.value)
+    assert "\n" not in msg and f"needs the {engine} package: it is not installed" in msg
+    assert f"known to work: {engine} {known[0]}" in msg
+
+
+def test_tune_with_a_missing_engine_or_bad_target_fails_before_anything_runs():
+    import moe_opt
+
+    spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=128)
+    with pytest.raises(TuneError, match="needs the vllm package"):
+        moe_opt.tune(spec=spec, kernel="vllm", storage="sqlite:///:memory:", output_dir=None, progress=False)
+    with pytest.raises(TuneError, match="unknown kernel 'tgi'; accepted: builtin or a KernelBackend, or an installed "
+                                        "engine's own kernel: sglang, vllm"):
+        moe_opt.tune(spec=spec, kernel="tgi", storage="sqlite:///:memory:", output_dir=None, progress=False)
+    with pytest.raises(TuneError, match="unknown target 'tgi'"):
+        moe_opt.tune(spec=spec, target="tgi", storage="sqlite:///:memory:", output_dir=None, progress=False)
+
+
+def test_target_and_kernel_are_in_the_study_name_only_when_not_sglang_builtin():
+    spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336)
+    before = "moe|E=8,N=14336,K=4096,topk=2,bfloat16|NVIDIA_H200|triton=3.6.0|kernel=builtin@1|M=64"
+    assert StudyIdentity(spec, "NVIDIA H200", "3.6.0", "builtin@1").name(64) == before
+    assert StudyIdentity(spec, "NVIDIA H200", "3.6.0", "builtin@1", target="sglang").name(64) == before
+    vllm = StudyIdentity(spec, "NVIDIA H200", "3.6.0", "builtin@1", target="vllm")
+    assert vllm.name(64) == before.replace("|M=64", "|target=vllm|M=64")
+    engine = StudyIdentity(spec, "NVIDIA H200", "3.6.0", "vllm@0.33.0", target="vllm")
+    assert len({before, vllm.name(64), engine.name(64)}) == 3 and "kernel=vllm@0.33.0|target=vllm" in engine.name(64)
+    attrs = vllm.attrs(64, device_name="NVIDIA_H200", torch_version="2", description="d", is_performance=True)
+    assert attrs["target"] == "vllm"
+
+
+def test_import_moe_opt_loads_no_engine_module():
+    code = "import sys, moe_opt; print('moe_opt.kernel.engines' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_an_interpreter_tune_for_vllm_names_its_studies_and_starts_from_vllms_default(tmp_path):
+    """E=8, topk=1, M=1: 1 * 1 * 4 <= 8, so the timed calls and the guard take vLLM's tiny-batch path."""
+    import optuna
+
+    import moe_opt
+
+    spec = ModelSpec.from_shape(num_experts=8, topk=1, hidden_size=256, intermediate_size=128)
+    storage = f"sqlite:///{tmp_path}/v.db"
+    r = moe_opt.tune(spec=spec, batch_sizes=[1], n_trials=2, storage=storage, output_dir=None, progress=False,
+                     target="vllm", down_config=False)
+    assert 1 in r.best
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert len(names) == 1 and "|kernel=builtin@1|target=vllm|M=1" in names[0]
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    assert study.user_attrs["target"] == "vllm"
+    assert Config.from_dict(study.user_attrs["default_config"]) == vllm_default_config(1, 8, 128, 256, 1, None)
+
+
+def test_vllm_launch_of_group_quantized_int4_stays_aligned_and_matches_the_reference():
+    """int4_w4a16 with groups never takes the tiny-batch path in vLLM; its trimmed grid still computes every slot."""
+    from moe_opt.kernel import quantize_weights
+
+    M, topk = 1, 2  # 1 * 2 * 4 <= 64, but group scales keep the alignment
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    w1, s1, z1 = quantize_weights(torch.randn(E, 2 * N, K) / K ** 0.5, "int4_w4a16", group_size=128)
+    w2, s2, z2 = quantize_weights(torch.randn(E, K, N) / N ** 0.5, "int4_w4a16", group_size=128)
+    topk_weights, topk_ids = torch.rand(M, E).softmax(-1).topk(topk)
+    kwargs = dict(quant_dtype="int4_w4a16", block_shape=[0, 128], w1_scale=s1, w2_scale=s2)
+    inputs = (x, w1, w2, topk_weights, topk_ids.to(torch.int32))
+    assert relative_error(inputs, kwargs, Config(16, 32, 64, 1, 4, 2), "vllm") < TOLERANCE["bf16"]
