@@ -31,11 +31,18 @@ class KernelBackend(Protocol):
             another).
         specializes_on_m: whether a config compiled at one batch size must compile again at another (then no
             compile pool compiles ahead; the measurer compiles each config where it runs it).
+        target: the engine whose launch rules and default config it follows ("sglang", "vllm").
+        ref: the string that rebuilds it in another process (``get_backend(ref)``): the measuring process and the
+            compile workers build the same backend.
+        times_stages: whether ``call_up`` can time GEMM1's stage alone (a config pair per GEMM needs it).
     """
 
     name: str
     version: str
     specializes_on_m: bool
+    target: str
+    ref: str
+    times_stages: bool
 
     def unsupported(self, spec: ModelSpec) -> str | None:
         """Why this backend cannot time ``spec`` correctly, or None."""
@@ -96,6 +103,7 @@ class BuiltinBackend:
     name = "builtin"
     version = "1"  # bump when the kernel's code changes what is timed
     specializes_on_m = False  # kernel/gemm.py: no batch-size-dependent argument is specialized on
+    times_stages = True  # fused_moe(up_only=True) stops after GEMM1's stage
 
     def __init__(self, target: str = "sglang"):
         self.target = _check_target(target)
@@ -189,16 +197,6 @@ def get_backend(backend: str | KernelBackend = "builtin", target: str | None = N
     if target is not None and target != name:
         raise TuneError(f"kernel {name!r} times {name}'s own kernel, so its target is {name}; got target {target!r}")
     return _engine_backends()[name]()
-
-
-def backend_ref(backend: KernelBackend) -> str:
-    """The string that rebuilds ``backend`` in another process (its ``ref``, else its name)."""
-    return getattr(backend, "ref", backend.name)
-
-
-def backend_target(backend: KernelBackend) -> str:
-    """The engine whose launch rules and default config the backend follows ("sglang" unless it says)."""
-    return getattr(backend, "target", "sglang")
 
 
 def backend_key(backend: KernelBackend) -> str:

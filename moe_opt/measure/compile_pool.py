@@ -84,7 +84,7 @@ class CompilePool:
                 backends): ``executor.submit(compile_fn, config)`` must return the failure string or None.
             backend: the kernel backend's name (kernel/backend.py), which builds the inputs and runs the call.
         """
-        from ..kernel.backend import backend_ref, get_backend
+        from ..kernel.backend import get_backend
 
         self.spec = spec
         self.backend = get_backend(backend)
@@ -101,7 +101,7 @@ class CompilePool:
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(spec.to_dict(), device, backend_ref(self.backend)))
+            initializer=_init_worker, initargs=(spec.to_dict(), device, self.backend.ref))
 
     def ensure(self, configs: Iterable[Config], *, speculative: bool = False) -> None:
         """Start compiling the configs not compiled or in flight yet.

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from .. import space
 from ..errors import TuneError
-from ..kernel.backend import backend_key, backend_ref, backend_target, get_backend
+from ..kernel.backend import backend_key, get_backend
 from ..measure.base import MeasurerInfo, custom_info
 from ..measure.checked import check_measurer
 from ..measure.interpreter import interpreter_spec
@@ -211,7 +211,7 @@ class TuneSession:
             self.devices = worker_devices(plan.n_workers, plan.device)
         device = "cuda:0" if self.parallel else plan.device
         self.pair = self._pair()
-        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, backend_ref(self.backend),
+        self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.ref,
                                                   routing=self.routing, split_stages=self.pair)
         self._owned.append(self.measurer)
         if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
@@ -241,7 +241,7 @@ class TuneSession:
     def _pair(self) -> bool:
         """Whether to search a config per GEMM: where asked (None: wherever the backend times GEMM1 apart; an
         engine's fused_experts cannot)."""
-        stages = getattr(self.backend, "times_stages", True)
+        stages = self.backend.times_stages
         if self.plan.down_config and not stages:
             raise TuneError(f"down_config=True needs a kernel that times each GEMM on its own; kernel "
                             f"{self.backend.name!r} runs the engine's whole fused_experts call")
@@ -253,7 +253,7 @@ class TuneSession:
 
         pool = CompilePool(self.spec, workers=self.plan.compile_workers, device=self.plan.device or "cuda",
                            shared_memory_bytes=self.info.shared_memory_bytes if self.info else None,
-                           backend=backend_ref(self.backend))
+                           backend=self.backend.ref)
         self._owned.append(pool)
         pool.prestart()
         return pool
@@ -283,7 +283,7 @@ class TuneSession:
         triton = meta.get("triton") if self.table is not None else None
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
                              table_name=Path(self.plan.replay).stem if self.table is not None else None,
-                             routing=self.routing.key(), pair=self.pair, target=backend_target(self.backend))
+                             routing=self.routing.key(), pair=self.pair, target=self.backend.target)
 
     def _open_studies(self) -> None:
         import optuna
