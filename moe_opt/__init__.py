@@ -19,6 +19,8 @@ _LAZY = {
     "resolve_model": ("moe_opt.model.resolve", "resolve_model"),
     "fused_moe": ("moe_opt.kernel", "fused_moe"),
     "tune": ("moe_opt.run.tune", "tune"),
+    "sweep": ("moe_opt.run.sweep", "sweep"),
+    "SweepResult": ("moe_opt.run.sweep", "SweepResult"),
     "TuneResult": ("moe_opt.run.result", "TuneResult"),
     "report": ("moe_opt.view.report", "report"),
     "summary": ("moe_opt.view.report_data", "summary"),
@@ -26,8 +28,9 @@ _LAZY = {
     "start_dashboard": ("moe_opt.view.dashboard", "start_dashboard"),
 }
 
-__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "TuneError", "TuneResult", "dashboard",
-           "default_config", "fused_moe", "report", "resolve_model", "start_dashboard", "summary", "tune"]
+__all__ = ["Config", "ConfigError", "ModelSpec", "MoeOptError", "SpecError", "SweepResult", "TuneError", "TuneResult",
+           "dashboard", "default_config", "fused_moe", "report", "resolve_model", "start_dashboard", "summary", "sweep",
+           "tune"]
 
 
 def __getattr__(name: str):

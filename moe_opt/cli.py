@@ -75,22 +75,41 @@ def _batch_sizes(args: argparse.Namespace) -> list[str] | None:
     return values
 
 
-def _add_shape_args(group, *, replay: bool = True) -> None:
+def _add_shape_args(group, *, replay: bool = True, sweep: bool = False) -> None:
     group.add_argument("--model", help="Hub id, catalogue name, local directory or config.json")
     group.add_argument("--shape", help="explicit shape instead of --model: E=..,topk=..,K=..,intermediate=.."
                                        "[,dtype=fp8_w8a8][,block=128x128]")
     if replay:
         group.add_argument("--replay", help="take measurements from a recorded CSV table instead of the GPU")
-    _add_parallel_args(group)
+    _add_parallel_args(group, sweep=sweep)
     group.add_argument("--dtype", default=None,
                        help="fp8_w8a8, int8_w8a8, int8_w8a16, int4_w4a16, bf16 or fp16; auto (the default) = what "
-                            "the model's config says (docs/models.md)")
+                            "the model's config says (docs/models.md)" +
+                            ("; several, comma-separated, tune one shape each (a sweep)" if sweep else ""))
     group.add_argument("--swiglu-limit", type=float, default=None, help="override the model's swiglu_limit")
 
 
-def _add_parallel_args(group) -> None:
-    group.add_argument("--tp", "--tp-size", "-tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                       help="tensor-parallel size (default 1)")
+def _int_list(text: str) -> list[int]:
+    """``--tp-size 1,2,4,8``: comma-separated integers (argparse reports a value that is not)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers such as 1,2,4,8") \
+            from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} gives no size; give integers such as 1,2,4,8")
+    return values
+
+
+def _add_parallel_args(group, *, sweep: bool = False) -> None:
+    if sweep:
+        group.add_argument("--tp", "--tp-size", "-tp", "--tensor-parallel-size", dest="tp", type=_int_list,
+                           default=[1], metavar="TP[,TP...]",
+                           help="tensor-parallel size (default 1); several, e.g. 1,2,4,8, tune one shape each in "
+                                "turn, each warm-started from the others (a sweep)")
+    else:
+        group.add_argument("--tp", "--tp-size", "-tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                           help="tensor-parallel size (default 1)")
     group.add_argument("--ep", "--ep-size", dest="ep", type=int, default=1, help="expert-parallel size (default 1)")
     group.add_argument("--enable-expert-parallel", "-enable-ep", action="store_true",
                        help="vLLM's flag: experts spread over all TP ranks (EP size = TP size)")
@@ -153,6 +172,10 @@ def _cmd_resolve(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .run.tune import tune
 
+    dtypes = [d.strip() for d in args.dtype.split(",")] if args.dtype else [None]
+    if len(args.tp) > 1 or len(dtypes) > 1:
+        return _cmd_sweep(args, dtypes)
+    args.tp, args.dtype = args.tp[0], dtypes[0]
     result = tune(args.model if not args.shape else None, spec=_shape_spec(args) if args.shape else None,
                   tp_size=args.tp, ep_size=_ep(args), dtype=_dtype(args), swiglu_limit=args.swiglu_limit,
                   batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
@@ -170,6 +193,36 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if why:
         print(f"moe-opt tune: error: {why}", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, dtypes: list[str | None]) -> int:
+    from .run.sweep import sweep
+
+    if args.shape or args.replay or not args.model:
+        given = "--shape" if args.shape else "--replay" if args.replay else "no --model"
+        raise TuneError(f"several --tp-size/--dtype values tune several shapes of one model; they need --model, got "
+                        f"{given}")
+    if args.enable_expert_parallel:
+        raise TuneError("--enable-expert-parallel sets EP size = TP size; with several TP sizes give --ep instead")
+    out = sweep(args.model, tp_sizes=args.tp, dtypes=dtypes, ep_size=args.ep, swiglu_limit=args.swiglu_limit,
+                batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
+                storage=args.storage, sampler=args.sampler, seed=args.seed,
+                output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
+                tuned_config_dirs=args.tuned_config_dir, device=args.device, compile_workers=args.compile_workers,
+                progress=True, n_workers=args.workers, confirm=not args.no_confirm,
+                down_config=False if args.no_down_config else None, routing=args.routing, kernel=args.kernel,
+                target=args.target)
+    print(f"moe-opt sweep: {len(out.results)} shape{'s' if len(out.results) != 1 else ''} in {out.wall_s:.1f} s")
+    for (tp, dtype), result in out.results.items():
+        g = result.geomean_speedup()
+        print(f"  TP {tp:<2} {dtype or 'auto':10s} {len(result.best):2d} batch sizes"
+              + (f", geometric mean {g:.3f}x vs the default" if g and result.is_performance else ""))
+    for result in out.results.values():
+        if result.interrupted:
+            return EXIT_INTERRUPTED
+        if result.worker_errors or _nothing_exported(result, exporting=not args.no_export):
+            return EXIT_FAILED
     return 0
 
 
@@ -314,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "then write config files. Re-running the same command resumes. Ctrl-C stops after the "
                             "running trial and keeps everything. " + CPU_NOTE)
     src = p.add_argument_group("what to tune")
-    _add_shape_args(src)
+    _add_shape_args(src, sweep=True)
     how = p.add_argument_group("how")
     _add_batch_size_args(how, "SGLang's 18; 1,8,32 on the CPU interpreter; the table's with --replay")
     how.add_argument("--n-trials", type=int, default=None,

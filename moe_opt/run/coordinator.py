@@ -277,6 +277,15 @@ class Coordinator:
         if not waiting and strategy.exhausted(M, set(running)):
             return BUSY if n_running else DONE
         strategy.exclude(M, set(running) | set(waiting.values()))
+        stamp = {**asdict(self.me), "time": now}
+        if not waiting:  # queued configs (warm start, retries) go through Optuna's ask, which pops them first
+            config = strategy.next_config(M)
+            if config is not None:
+                with deferred_signals():
+                    trial = _create_running_trial(study, config, strategy, stamp)
+                    strategy.asked(M, config)
+                    self.hold(study, trial)
+                return trial, config
         with deferred_signals():  # asked, stamped and held in one step (an unstamped trial is a dead claimer's)
             trial = study.ask()
             try:
@@ -288,10 +297,27 @@ class Coordinator:
                     trial.set_user_attr("error", f"{INTERRUPTED}: duplicate config ({taken})")
                     study.tell(trial, state=TrialState.FAIL)
                     return None
-                study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, {**asdict(self.me), "time": now})
+                study._storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, stamp)
             except BaseException:  # the storage failed: nothing runs this trial
                 with contextlib.suppress(Exception):
                     self.release(study, trial._trial_id, trial.params, trial.number, "its claim failed")
                 raise
             self.hold(study, trial)
         return trial, config
+
+
+def _create_running_trial(study: optuna.Study, config: Config, strategy: Strategy, stamp: dict) -> optuna.Trial:
+    """A RUNNING trial of ``config`` stamped with its worker, created in one storage write (Optuna's ask, six
+    suggests and the stamp are eight: most of a trial's bookkeeping time on SQLite). What is stored is what the ask
+    path stores: the same params and distributions, so readers and Optuna's own tools cannot tell them apart."""
+    import datetime
+
+    from ..search.base import distributions
+
+    dists = distributions(strategy.choices)
+    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
+                           datetime_start=datetime.datetime.now(), datetime_complete=None,
+                           params={p: getattr(config, p) for p in PARAM_NAMES}, distributions=dists,
+                           user_attrs={}, system_attrs={WORKER_KEY: stamp}, intermediate_values={}, trial_id=-1)
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)

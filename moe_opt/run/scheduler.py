@@ -257,11 +257,15 @@ def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measuremen
     try:
         for key, value in m.attrs.items():
             trial.set_user_attr(key, value)
-        if m.ok:
-            study.tell(trial, m.latency_us)
-        else:
+        if not m.ok:
             trial.set_user_attr("error", m.error)
-            study.tell(trial, state=TrialState.FAIL)
+        if strategy.optuna_tell:
+            study.tell(trial, m.latency_us) if m.ok else study.tell(trial, state=TrialState.FAIL)
+        else:  # one write: Optuna's tell reads the trial back twice first, for hooks this sampler does not have
+            state = TrialState.COMPLETE if m.ok else TrialState.FAIL
+            if not study._storage.set_trial_state_values(trial._trial_id, state,
+                                                         [m.latency_us] if m.ok else None):
+                raise UpdateFinishedTrialError(f"trial {trial.number} finished meanwhile")
     except (UpdateFinishedTrialError, ValueError):
         if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
             raise

@@ -59,6 +59,7 @@ class TunePlan:
     seed: int | None = None
     output_dir: str | Path | None = "moe_configs"
     warm_start: bool = True
+    warm_start_configs: dict[int, list[Config]] | None = None  # measured first per batch size (tune()'s argument)
     tuned_config_dirs: Sequence[str | Path] = ()
     device: str | None = None
     replay: str | Path | None = None
@@ -340,7 +341,8 @@ class TuneSession:
         dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
         try:
             enqueue_warm_start(self.studies, self.strategy.state, self.space.defaults, self.spec,
-                               self.info.device_name, dirs, n_trials=self.n_trials)
+                               self.info.device_name, dirs, n_trials=self.n_trials,
+                               given=self.plan.warm_start_configs)
         except KeyboardInterrupt:
             raise KeyboardInterrupt("interrupted during the warm start; nothing was measured or exported; run the "
                                     "same command again to resume") from None

@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import TuneError
 from ..model.spec import ModelSpec
@@ -19,7 +19,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          dtype: str | None = None, swiglu_limit: float | None = None, batch_sizes: Sequence[int] | None = None,
          n_trials: int | None = None, timeout_s: float | None = None, storage: Any = None,
          sampler: Any = None, seed: int | None = None, output_dir: str | Path | None = "moe_configs",
-         warm_start: bool = True, tuned_config_dirs: Sequence[str | Path] = (), device: str | None = None,
+         warm_start: bool = True, warm_start_configs: Mapping[int, Sequence[Any]] | None = None,
+         tuned_config_dirs: Sequence[str | Path] = (), device: str | None = None,
          replay: str | Path | None = None, measurer: Any = None, compile_workers: int | None = None,
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
          measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
@@ -50,6 +51,9 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             side); None to skip export. Batch sizes an existing file holds and this run has no result for are kept.
         warm_start: first measure SGLang's default config, existing tuned configs for the shape (found in
             ``tuned_config_dirs`` and output_dir) and the best configs of already-tuned batch sizes.
+        warm_start_configs: {M: configs (Config or dicts with the six keys)} measured first at each batch size
+            (batch sizes not listed take the nearest listed one's), after the default and existing files; what
+            :func:`moe_opt.sweep` passes from one shape to the next. Configs outside the search space are skipped.
         device: CUDA device ("cuda:0"); default the current one, or the interpreter when no GPU exists.
         replay: a recorded table (CSV) to take every measurement from instead of the GPU.
         measurer: a :class:`~moe_opt.measure.base.Measurer` (advanced; overrides the above).
@@ -94,6 +98,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         [1, 16, 64, 256, 1024, 4096]
     """
     _check_arguments(locals())
+    warm_configs = _warm_start_configs(warm_start_configs)
     if isinstance(storage, os.PathLike):
         storage = os.fspath(storage)
     if spec is None and model is not None:
@@ -102,6 +107,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         spec = resolve_model(model, tp_size=tp_size, ep_size=ep_size, dtype=dtype, swiglu_limit=swiglu_limit)
     plan = TunePlan(spec=spec, batch_sizes=batch_sizes, n_trials=n_trials, timeout_s=timeout_s, storage=storage,
                     sampler=sampler, seed=seed, output_dir=output_dir, warm_start=warm_start,
+                    warm_start_configs=warm_configs,
                     tuned_config_dirs=list(tuned_config_dirs), device=device, replay=replay, measurer=measurer,
                     compile_workers=compile_workers, progress=progress, n_workers=n_workers, guard=guard,
                     measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel,
@@ -172,6 +178,27 @@ def _check_arguments(args: dict[str, Any]) -> None:
                         f"{target!r}")
     _check_storage(args["storage"])
     _check_sampler(args["sampler"])
+
+
+def _warm_start_configs(given: Mapping[int, Sequence[Any]] | None) -> dict[int, list[Config]] | None:
+    """``warm_start_configs`` as {M: [Config]}, or a one-line TuneError naming the entry that is not one."""
+    if given is None:
+        return None
+    if not isinstance(given, Mapping):
+        raise TuneError(f"warm_start_configs must be a mapping {{batch size: [configs]}}, got {type(given).__name__}")
+    out: dict[int, list[Config]] = {}
+    for M, configs in given.items():
+        if isinstance(M, bool) or not isinstance(M, numbers.Integral) or M < 1:
+            raise TuneError(f"warm_start_configs: batch size {M!r} is not an integer >= 1")
+        if isinstance(configs, (Config, Mapping)):
+            configs = [configs]
+        out[int(M)] = []
+        for c in configs:
+            try:
+                out[int(M)].append(c if isinstance(c, Config) else Config.from_dict(c))
+            except (TypeError, ValueError) as exc:
+                raise TuneError(f"warm_start_configs[{M}]: {exc}") from None
+    return out or None
 
 
 def _check_storage(storage: Any) -> None:

@@ -1,14 +1,15 @@
 """Warm start: configs worth measuring first, enqueued into each batch size's study before the sampler runs.
 
 In order: SGLang's default config for the batch size (also the baseline of the speedup), the configs of
-existing tuned files for the same shape and device (SGLang or vLLM JSON), and the best configs already
-measured at the nearest batch sizes (from earlier, resumed runs).
+existing tuned files for the same shape and device (SGLang or vLLM JSON), the configs the caller gives per batch
+size (``warm_start_configs``: a sweep passes what the other shapes found), and the best configs already measured
+at the nearest batch sizes (from earlier, resumed runs).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import optuna
 
@@ -37,7 +38,7 @@ def _nearest(M: int, tuned: Sequence[int]) -> list[int]:
 
 def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, defaults: dict[int, Config],
                        spec: ModelSpec | None, device_name: str, config_dirs: Sequence[str | Path], *,
-                       n_trials: int) -> None:
+                       n_trials: int, given: Mapping[int, Sequence[Config]] | None = None) -> None:
     """Enqueue warm-start configs into studies that have not measured them yet, within their trial budget."""
     existing: dict[int, Config] = {}
     if spec is not None and config_dirs:
@@ -58,6 +59,8 @@ def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, def
         if existing:
             nearest_file_m = min(existing, key=lambda m: abs(m - M))
             seeds.append(existing[nearest_file_m])
+        if given:
+            seeds += given[M] if M in given else given[min(given, key=lambda m: abs(m - M))]
         for m in _nearest(M, tuned):
             seeds += sorted(state.measured[m], key=state.measured[m].get)[:NEAREST_BEST]
         tried = state.tried(M)

@@ -34,6 +34,9 @@ class Strategy:
     """
 
     name = "base"
+    # Whether each result must reach the study's sampler through Optuna's study.tell (its after_trial hook); a
+    # proposing strategy learns through observe() and its trials are finished in one storage write.
+    optuna_tell = True
 
     def __init__(self, state: SearchState, choices: dict[str, Sequence[int]], seed: int | None = None):
         self.state = state
@@ -42,6 +45,7 @@ class Strategy:
         self._pending: dict[int, set[Config]] = {}  # asked by this process at M, not yet observed
         self._elsewhere: dict[int, set[Config]] = {}  # running or queued in other processes at M
         self._samplers: dict[int, Any] = {}
+        self._rngs: dict[int, random.Random] = {}  # a proposing strategy's random stream per batch size
 
     # What the coordinator calls.
     def sampler(self, M: int) -> Any:
@@ -76,6 +80,11 @@ class Strategy:
         """The k configs most likely to be asked next at M (compiled ahead while the GPU measures)."""
         return self.state.lookahead(M, k)
 
+    def next_config(self, M: int) -> Config | None:
+        """The next config to run at M, proposed without asking Optuna (so the coordinator can create the trial in
+        one storage write), or None where the config comes from the study's Optuna sampler."""
+        return None
+
     # What subclasses provide.
     def _make_sampler(self, M: int, seed: int | None) -> Any:
         raise NotImplementedError
@@ -88,13 +97,26 @@ class ProposingStrategy(Strategy):
     """A strategy that proposes whole configs itself (moe_opt's search, the grid walk) through one Optuna
     sampler adapter per batch size; Optuna's enqueued (warm-start, retry) trials take precedence."""
 
+    optuna_tell = False
+
     def propose(self, M: int, rng: random.Random) -> Config | None:
         raise NotImplementedError
+
+    def next_config(self, M: int) -> Config | None:
+        """The next proposal at M, from batch size M's seeded random stream (the same one whether the coordinator
+        creates the trial itself or Optuna's ask reaches the sampler adapter), held as pending until asked."""
+        if M not in self._rngs:
+            self.sampler(M)  # numbers the batch sizes in the order their studies were made: M's seed
+        config = self.propose(M, self._rngs[M])
+        if config is not None:
+            self._pending.setdefault(M, set()).add(config)
+        return config
 
     def exhausted(self, M: int, running: set[Config] = frozenset()) -> bool:
         return not (set(self.state.open_candidates(M)) - self._blocked(M) - set(running))
 
     def _make_sampler(self, M: int, seed: int | None) -> Any:
+        self._rngs[M] = random.Random(seed)
         return _ProposingSampler(self, M, seed)
 
 
@@ -104,11 +126,10 @@ def _ProposingSampler(strategy: ProposingStrategy, M: int, seed: int | None):
 
     class ProposingSampler(BaseSampler):
         def __init__(self) -> None:
-            self._rng = random.Random(seed)
             self._fallback = RandomSampler(seed=seed)
 
         def reseed_rng(self) -> None:
-            self._rng.seed()
+            strategy._rngs[M].seed()
             self._fallback.reseed_rng()
 
         def infer_relative_search_space(self, study, trial) -> dict:
@@ -117,11 +138,8 @@ def _ProposingSampler(strategy: ProposingStrategy, M: int, seed: int | None):
         def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
             if "fixed_params" in trial.system_attrs:  # an enqueued warm-start or retry config
                 return {}
-            config = strategy.propose(M, self._rng)
-            if config is None:
-                return {}
-            strategy._pending.setdefault(M, set()).add(config)
-            return config.to_dict()
+            config = strategy.next_config(M)
+            return {} if config is None else config.to_dict()
 
         def sample_independent(self, study, trial, param_name, param_distribution):
             return self._fallback.sample_independent(study, trial, param_name, param_distribution)
