@@ -34,6 +34,7 @@ def main() -> int:
                    help="tune a config per GEMM (tune()'s down_config; auto: the default)")
     p.add_argument("--routing", default="uniform", help="tune()'s routing: uniform, zipf<s>, trace:PATH")
     p.add_argument("--dtype", default=None, help="tune()'s dtype (default: the model's)")
+    p.add_argument("--n-trials", type=int, default=None, help="tune()'s n_trials (default: its default)")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
     cache = work / "triton_cache"
@@ -53,7 +54,7 @@ def main() -> int:
 
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
-                          routing=args.routing)
+                          routing=args.routing, n_trials=args.n_trials)
     wall_s = time.time() - STARTED
 
     import optuna
@@ -80,6 +81,7 @@ def main() -> int:
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
         "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
+        "commit": os.environ.get("MOE_OPT_COMMIT"),
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
