@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--routing", default="uniform", help="tune()'s routing: uniform, zipf<s>, trace:PATH")
     p.add_argument("--dtype", default=None, help="tune()'s dtype (default: the model's)")
     p.add_argument("--n-trials", type=int, default=None, help="tune()'s n_trials (default: its default)")
+    p.add_argument("--storage", default=None, help="tune()'s storage, e.g. journal:studies/x.journal (default: its "
+                                                   "default, SQLite)")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
     cache = work / "triton_cache"
@@ -54,7 +56,8 @@ def main() -> int:
 
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
-                          routing=args.routing, n_trials=args.n_trials)
+                          routing=args.routing, n_trials=args.n_trials,
+                          storage=args.storage)
     wall_s = time.time() - STARTED
 
     import optuna
@@ -81,7 +84,7 @@ def main() -> int:
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
         "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
-        "commit": os.environ.get("MOE_OPT_COMMIT"),
+        "commit": os.environ.get("MOE_OPT_COMMIT"), "storage": str(result.storage),
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
