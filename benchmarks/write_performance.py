@@ -248,6 +248,8 @@ def main() -> int:
               "\"P(within 1%)\" is over seeds.", ""] + samplers_section(samplers)
     lines += pairs_section([json.loads(f.read_text()) for f in sorted(results.glob("pair_*.json"))])
     lines += formats_section([json.loads(f.read_text()) for f in sorted((results / "formats").glob("e2e_*.json"))])
+    lines += routing_section([json.loads(f.read_text()) for f in sorted(results.glob("routing_*.json"))])
+    lines += sweep_section([json.loads(f.read_text()) for f in sorted(results.glob("sweep_*.json"))])
     lines += where_time_goes(e2e)
     lines += ["## Not measured", "",
               "- SGLang's own kernel beside moe_opt's at the same configs: SGLang is not installed on the lent GPU "
@@ -314,6 +316,60 @@ def formats_section(runs: list[dict]) -> list[str]:
                          else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
         lines += ["", f"Speedup {min(speed):.3f}x to {max(speed):.3f}x, geometric mean **{run['geomean_speedup']:.3f}x**.",
                   ""]
+    return lines
+
+
+def routing_section(runs: list[dict]) -> list[str]:
+    """What a skewed routing does to the tuned configs (benchmarks/compare_routing.py)."""
+    if not runs:
+        return []
+    lines = ["## Skewed routing", "",
+             "`benchmarks/compare_routing.py` after two `benchmarks/e2e_tune.py --down-config off` runs of the same "
+             "model on the same card, one with uniform routing and one with a skewed routing (`--routing zipf<s>`: "
+             "expert popularity 1/rank^s, docs/routing.md). Per batch size, the two tunes' configs and SGLang's "
+             "default are timed under both routings, interleaved, and the medians compared: the first speedup column "
+             "is how much faster the skewed tune's config runs than the uniform tune's when the served routing is "
+             "skewed, the second the same under uniform routing, the last how much slower the skewed routing makes the "
+             "uniform tune's config.", ""]
+    for run in runs:
+        lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}, {run['routing']}", "",
+                  f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}, "
+                  f"{run['rounds']} interleaved rounds. The two tunes picked the same config at {run['same_config']} "
+                  f"of {run['batch_sizes']} batch sizes.", "",
+                  f"| M | uniform-tuned µs ({run['routing']}) | skewed-tuned µs ({run['routing']}) | skewed / uniform "
+                  f"tune, {run['routing']} | skewed / uniform tune, uniform | {run['routing']} / uniform, uniform-tuned "
+                  "config |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in run["per_batch_size"]:
+            lines.append(f"| {r['M']} | {r['uniform_tuned_us_skewed']:.1f} | {r['skewed_tuned_us_skewed']:.1f} | "
+                         f"{r['skewed_vs_uniform_tuned_skewed']:.3f} | {r['skewed_vs_uniform_tuned_uniform']:.3f} | "
+                         f"{r['skewed_slowdown']:.3f} |")
+        lines += ["", f"Geometric means: under {run['routing']} the skewed tune's configs are "
+                      f"**{run['geomean_skewed_vs_uniform_tuned_skewed']:.3f}x** the speed of the uniform tune's; under "
+                      f"uniform routing {run['geomean_skewed_vs_uniform_tuned_uniform']:.3f}x; the skewed routing "
+                      f"itself costs the uniform tune's configs {run['geomean_skewed_slowdown']:.3f}x.", ""]
+    return lines
+
+
+def sweep_section(runs: list[dict]) -> list[str]:
+    """A model's TP sweep in one command (benchmarks/e2e_sweep.py)."""
+    if not runs:
+        return []
+    lines = ["## A TP sweep in one command (goal 3)", ""]
+    for run in runs:
+        lines += [f"### {run['device']}: {run['model']}, TP {', '.join(map(str, run['tp_sizes']))}", "",
+                  f"Recorded {run['date']} by `{run['command']}` (commit {run.get('commit') or '?'}); Triton "
+                  f"{run['triton']}, torch {run['torch']}; cold Triton cache, all 18 batch sizes per shape, tune()'s "
+                  f"defaults. **{run['wall_s']:.1f} s** from the script's start for the whole sweep.", "",
+                  "| TP | E | N | K | tune wall s | trial loop s | geometric-mean speedup vs SGLang default |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for shape in run["shapes"]:
+            spec = shape["spec"]
+            g = shape.get("geomean_speedup")
+            lines.append(f"| {shape['tp_size']} | {spec['E']} | {spec['N']} | {spec['K']} | {shape['tune_wall_s']:.1f} "
+                         f"| {shape['timings'].get('search_s', float('nan')):.1f} | {g:.3f} |" if g else
+                         f"| {shape['tp_size']} | {spec['E']} | {spec['N']} | {spec['K']} | {shape['tune_wall_s']:.1f} "
+                         f"| {shape['timings'].get('search_s', float('nan')):.1f} | — |")
+        lines.append("")
     return lines
 
 
