@@ -210,7 +210,7 @@ class Coordinator:
     def release(self, study: optuna.Study, trial_id: int, params: dict, number: int, why: str) -> bool:
         """Fail a trial as interrupted and enqueue its config to be retried first; False if it had finished."""
         storage = study._storage
-        retried = len(params) == len(PARAM_NAMES)
+        retried = all(p in params for p in PARAM_NAMES)
         with deferred_signals():  # failed but never enqueued would lose the retry
             try:
                 storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}" +
@@ -280,7 +280,8 @@ class Coordinator:
         with deferred_signals():  # asked, stamped and held in one step (an unstamped trial is a dead claimer's)
             trial = study.ask()
             try:
-                config = Config(*(int(trial.suggest_categorical(p, strategy.choices[p])) for p in PARAM_NAMES))
+                config = Config.from_dict({p: trial.suggest_categorical(p, strategy.choices[p])
+                                           for p in strategy.choices})  # the six, and USE_TMA where offered
                 strategy.asked(M, config)
                 enqueued = trial.number in waiting  # Optuna pops queued trials first
                 if config in running or (enqueued and config in strategy.tried(M)):
