@@ -102,6 +102,9 @@ class Config:
             values[TMA_NAME] = tma in (True, 1, "true", "True")
         return cls(**values)
 
+    def __repr__(self) -> str:  # USE_TMA only where true, like to_dict: reprs of configs without TMA are unchanged
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
     def __str__(self) -> str:
         return (f"M{self.BLOCK_SIZE_M} N{self.BLOCK_SIZE_N} K{self.BLOCK_SIZE_K} "
                 f"G{self.GROUP_SIZE_M} w{self.num_warps} s{self.num_stages}" + (" tma" if self.USE_TMA else ""))
