@@ -213,3 +213,32 @@ def test_a_pair_with_tma_on_the_down_config_exports_it_only_in_the_down_file(tmp
     assert files["sglang_down"].name.endswith("_down.json")
     vllm = json.loads(files["vllm"].read_text())
     assert all("USE_TMA" not in entry for key, entry in vllm.items() if key != "triton_version")
+
+
+def test_a_tune_on_a_table_that_recorded_tma_searches_it_and_exports_it(tmp_path, monkeypatch):
+    """A replay table with USE_TMA rows (what a Hopper grid records) offers USE_TMA to the search; where TMA is
+    faster the tune finds it and writes "USE_TMA": true into SGLang's file."""
+    import csv
+
+    import moe_opt
+    from moe_opt import space
+
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=1024, intermediate_size=1024)
+    rows = []
+    for c in space.candidates_for(spec, tma=True):
+        us = 10 * (1 + 0.3 * abs(c.BLOCK_SIZE_M.bit_length() - 5) + 0.2 * abs(c.BLOCK_SIZE_N.bit_length() - 7))
+        rows.append({"M": 16, **c.params(), "us": f"{us * (0.8 if c.USE_TMA else 1.0):.4f}"})
+    table = tmp_path / "tma.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "tma.csv.json").write_text(json.dumps({"spec": spec.to_dict(), "device": "NVIDIA H200"}))
+    r = moe_opt.tune(replay=str(table), n_trials=40, storage="sqlite:///t.db", output_dir=str(tmp_path / "out"),
+                     seed=1, progress=False)
+    best = Config.from_dict(r.best[16])
+    assert best.USE_TMA and (best.BLOCK_SIZE_M, best.BLOCK_SIZE_N) == (16, 64)
+    sglang = next((tmp_path / "out" / "configs").rglob("E=8,N=1024,device_name=NVIDIA_H200.json"))
+    assert json.loads(sglang.read_text())["16"]["USE_TMA"] is True
+    assert "USE_TMA" not in json.loads((tmp_path / "out" / "E=8,N=1024,device_name=NVIDIA_H200.json").read_text())["16"]
