@@ -1,4 +1,5 @@
-"""The search space: the six launch parameters of the fused-MoE kernel, their ranges and constraints.
+"""The search space: the six launch parameters of the fused-MoE kernel (and SGLang's USE_TMA), their ranges and
+constraints.
 
 A :class:`Config` is one point of the space. Its field names are the exact JSON keys that SGLang and vLLM
 read from their tuned-config files, so ``config.to_dict()`` can be written into such a file unchanged.
@@ -7,7 +8,7 @@ read from their tuned-config files, so ``config.to_dict()`` can be written into 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterator, Mapping, Sequence
 
 # SGLang's tuning space (benchmark/kernels/fused_moe_triton/common_utils.py, get_configs_compute_bound):
@@ -20,6 +21,11 @@ NUM_WARPS_CHOICES = (4, 8)
 NUM_STAGES_CHOICES = (2, 3, 4, 5)
 
 PARAM_NAMES = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+# SGLang's seventh key (fused_moe.py, _prepare_fused_moe_run): "USE_TMA": true in an up config loads GEMM1's weights
+# through Hopper's tensor memory accelerator; in a _down config GEMM2's A and B, GEMM1 then writing its output in
+# expert-sorted order. Written only when true, read as false when absent (docs/kernel.md, "TMA").
+TMA_NAME = "USE_TMA"
+TMA_CHOICES = (False, True)
 
 # SGLang's default batch sizes for tuning (tuning_fused_moe_triton.py).
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
@@ -46,36 +52,62 @@ class Config:
     GROUP_SIZE_M: int
     num_warps: int = 4
     num_stages: int = 3
+    USE_TMA: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if f.name == TMA_NAME:
+                if not isinstance(value, bool):
+                    raise ValueError(f"Config.USE_TMA must be True or False, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Config.{f.name} must be a positive integer, got {value!r}")
         for name in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"Config.{name} must be a power of two >= 16 (tl.dot needs it), got {value}")
 
-    def to_dict(self) -> dict[str, int]:
-        """The config as SGLang/vLLM store it: the six keys, in their order."""
+    def to_dict(self) -> dict[str, int | bool]:
+        """The config as SGLang/vLLM store it: the six keys, in their order, and ``"USE_TMA": true`` only where it is
+        true (SGLang reads an absent key as false, vLLM ignores it), so a file without TMA is what it always was.
+
+        Example:
+            >>> list(Config(64, 128, 128, 32, 4, 3, USE_TMA=True).to_dict())[-1], len(Config(64, 128, 128, 32).to_dict())
+            ('USE_TMA', 6)
+        """
+        d = asdict(self)
+        if not self.USE_TMA:
+            del d[TMA_NAME]
+        return d
+
+    def params(self) -> dict[str, int | bool]:
+        """All seven values, USE_TMA included even when false: what a trial of a space offering TMA suggests."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> "Config":
-        """Build a Config from a tuned-config entry; keys beyond the six are ignored, missing ones are an error.
+        """Build a Config from a tuned-config entry; keys beyond the seven are ignored, missing ones are an error.
 
         SGLang's defaults omit num_warps/num_stages for bf16 (its kernel launch falls back to Triton's 4 and 3),
-        so those two are optional here with the same fallback.
+        so those two are optional here with the same fallback; USE_TMA is optional too (false when absent).
         """
         missing = [k for k in PARAM_NAMES[:4] if k not in d]
         if missing:
             raise ValueError(f"config {dict(d)!r} lacks {', '.join(missing)}; a config needs {', '.join(PARAM_NAMES)}")
-        return cls(**{k: int(d[k]) for k in PARAM_NAMES if k in d})  # type: ignore[arg-type]
+        values: dict = {k: int(d[k]) for k in PARAM_NAMES if k in d}  # type: ignore[call-overload]
+        if d.get(TMA_NAME) is not None:
+            tma = d[TMA_NAME]
+            if tma not in (True, False, 0, 1, "true", "false", "True", "False"):
+                raise ValueError(f"config {dict(d)!r}: USE_TMA must be true or false, got {tma!r}")
+            values[TMA_NAME] = tma in (True, 1, "true", "True")
+        return cls(**values)
+
+    def __repr__(self) -> str:  # USE_TMA only where true, like to_dict: reprs of configs without TMA are unchanged
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def __str__(self) -> str:
         return (f"M{self.BLOCK_SIZE_M} N{self.BLOCK_SIZE_N} K{self.BLOCK_SIZE_K} "
-                f"G{self.GROUP_SIZE_M} w{self.num_warps} s{self.num_stages}")
+                f"G{self.GROUP_SIZE_M} w{self.num_warps} s{self.num_stages}" + (" tma" if self.USE_TMA else ""))
 
 
 @dataclass(frozen=True, order=True)
@@ -230,8 +262,46 @@ def candidates(dtype: str | None, block_shape: Sequence[int] | None,
             if fits_shared_memory(c, a_bytes, b_bytes, shared_memory_bytes)]
 
 
-def grid_for(spec) -> list[Config]:
-    """Every config of the space for a ModelSpec's weight format, fitting or not (the exhaustive baseline).
+def tma_refusal(spec) -> str | None:
+    """Why a ModelSpec's format or shape cannot take USE_TMA, or None (the device is asked apart: kernel/tma.py).
+
+    SGLang's TMA paths run in its ``fused_moe_kernel`` only (fused_moe_triton_kernels.py: the gptq/awq kernel of
+    group-quantized weights takes no descriptor), and its down path reads per-token activation scales of the
+    expert-sorted A at the unsorted slot index (``offs_token // top_k``), so per-channel w8a8 is left out. A tensor
+    descriptor needs every stride but the last a multiple of 16 bytes: rows of w1 (K), of w2 and of GEMM2's A (N).
+
+    Example:
+        >>> from moe_opt.model.spec import ModelSpec
+        >>> tma_refusal(ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336)) is None
+        True
+        >>> tma_refusal(ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4100, intermediate_size=14336))
+        'USE_TMA: rows of K 4100 bf16/fp16 weights are 8200 bytes, not a multiple of 16 (a tensor descriptor needs it)'
+    """
+    if spec.dtype == "int4_w4a16" or spec.group_size is not None:
+        return "USE_TMA: group-quantized weights run SGLang's gptq/awq kernel, which has no TMA path"
+    if spec.per_channel_quant and spec.dtype in ("fp8_w8a8", "int8_w8a8"):
+        return ("USE_TMA: per-channel w8a8 is left out (SGLang's down path reads the sorted activations' per-token "
+                "scales at the unsorted slot index)")
+    a_bytes, w_bytes = (1, 1) if spec.dtype in ("fp8_w8a8", "int8_w8a8") else (2, 1) if spec.dtype else (2, 2)
+    what = "bf16/fp16" if w_bytes == 2 else "8-bit"
+    for name, cols, nbytes in (("K", spec.K, w_bytes), ("N", spec.N, w_bytes), ("N", spec.N, a_bytes)):
+        if cols * nbytes % 16:
+            kind = f"{what} weights" if nbytes == w_bytes else "activations"
+            return (f"USE_TMA: rows of {name} {cols} {kind} are {cols * nbytes} bytes, not a multiple of 16 (a tensor "
+                    "descriptor needs it)")
+    return None
+
+
+def _with_tma(configs: list[Config], spec, tma: bool) -> list[Config]:
+    """The configs, then (where ``tma`` and the spec allow it) each again with USE_TMA."""
+    if not tma or tma_refusal(spec) is not None:
+        return configs
+    return configs + [replace(c, USE_TMA=True) for c in configs]
+
+
+def grid_for(spec, tma: bool = False) -> list[Config]:
+    """Every config of the space for a ModelSpec's weight format, fitting or not (the exhaustive baseline); with
+    ``tma`` (a device with tensor descriptors) each also with USE_TMA where the format allows it (tma_refusal).
 
     Example:
         >>> from moe_opt.model.spec import ModelSpec
@@ -240,18 +310,26 @@ def grid_for(spec) -> list[Config]:
         >>> sorted({c.BLOCK_SIZE_K for c in grid_for(s)})
         [32, 64]
     """
-    return _grid(block_size_k_choices(spec.dtype, spec.block_shape))
+    return _with_tma(_grid(block_size_k_choices(spec.dtype, spec.block_shape)), spec, tma)
 
 
-def choices_for(spec) -> dict[str, Sequence[int]]:
-    """Allowed values of each tunable for a ModelSpec's weight format (the trials' distributions)."""
+def choices_for(spec, tma: bool = False) -> dict[str, Sequence]:
+    """Allowed values of each tunable for a ModelSpec's weight format (the trials' distributions); USE_TMA is one of
+    them only where ``tma`` and the format allow it, so a study without TMA has the six params it always had."""
     ks = block_size_k_choices(spec.dtype, spec.block_shape)
-    return {name: ks if name == "BLOCK_SIZE_K" else values for name, values in iter_choices()}
+    choices: dict[str, Sequence] = {name: ks if name == "BLOCK_SIZE_K" else values for name, values in iter_choices()}
+    if tma and tma_refusal(spec) is None:
+        choices[TMA_NAME] = TMA_CHOICES
+    return choices
 
 
-def candidates_for(spec, shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES) -> list[Config]:
-    """candidates() for a ModelSpec: its dtype and block_shape (or group size)."""
-    return candidates(spec.dtype, spec.block_shape, shared_memory_bytes)
+def candidates_for(spec, shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES, tma: bool = False) -> list[Config]:
+    """candidates() for a ModelSpec: its dtype and block_shape (or group size); with ``tma``, the USE_TMA twins too.
+
+    A TMA config stages the same A and B tiles per pipeline stage (the descriptor copies them into shared memory
+    instead of the threads), so the shared-memory estimate is the same.
+    """
+    return _with_tma(candidates(spec.dtype, spec.block_shape, shared_memory_bytes), spec, tma)
 
 
 def default_config_for(spec, M: int) -> Config:

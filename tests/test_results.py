@@ -149,7 +149,7 @@ def test_a_storage_written_by_moe_opt_0_1_still_shows_and_exports(tmp_path):
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     dist = {k: optuna.distributions.CategoricalDistribution([16, 32, 64, 128, 256, 1, 2, 3, 4, 5, 8])
-            for k in Config.__dataclass_fields__}
+            for k in space.PARAM_NAMES}
     for config, us in ((Config(64, 128, 128, 32, 4, 3), 300.0), (Config(16, 64, 128, 1, 4, 3), 250.0)):
         study.add_trial(optuna.trial.create_trial(params=config.to_dict(), distributions=dist, value=us))
     df = summary(storage)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import TuneError
 from ..model.spec import ModelSpec
-from ..space import PARAM_NAMES, Config, ConfigPair, as_config
+from ..space import PARAM_NAMES, TMA_NAME, Config, ConfigPair, as_config
 
 # SGLang sorts its configs/triton_* folders by the integer parts of the version when it falls back to another
 # Triton version, so a folder such as triton_3_5_0+git1a2b would break that lookup for every shape.
@@ -95,7 +95,9 @@ def write_vllm(spec: ModelSpec, configs: Mapping[int, Config], output_dir: str |
         >>> list(json.loads(path.read_text()))
         ['triton_version', '1']
     """
-    payload = _entries(configs)
+    # vLLM's kernel launch passes a file's entry as Triton kwargs and has no USE_TMA: an unknown keyword there. A
+    # config tuned with TMA (SGLang's path) is written without it, the closest config vLLM can run.
+    payload = {M: {k: v for k, v in entry.items() if k != TMA_NAME} for M, entry in _entries(configs).items()}
     if not isinstance(triton_version, str) or not triton_version.strip():
         raise TuneError(f"triton_version must be a non-empty string such as '3.6.0', got {triton_version!r}")
     path = _vllm_path(spec, output_dir, device_name)
@@ -306,7 +308,8 @@ def _check_device_name(device_name: str) -> None:
 
 
 def _entries(configs: Mapping[int, Config]) -> dict[str, dict[str, int]]:
-    """{"M": the six keys}, sorted numerically by M, as the engines' tuners write them."""
+    """{"M": the six keys (and "USE_TMA": true where tuned so)}, sorted numerically by M, as the engines' tuners
+    write them."""
     if not isinstance(configs, Mapping):
         raise TuneError(f"configs must be a mapping of batch size to Config, got {type(configs).__name__}")
     if not configs:

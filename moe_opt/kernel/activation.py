@@ -161,7 +161,10 @@ def quant_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = FP8_
     return q
 
 
-def dynamic_tensor_scale(x: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
-    """Per-tensor scale max|x| / 448 (fp8) or / 127 (int8) as a 1-element float32 device tensor (no host sync)."""
+def dynamic_tensor_scale(x: torch.Tensor, dtype: torch.dtype = FP8_DTYPE,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor scale max|x| / 448 (fp8) or / 127 (int8) as a 1-element float32 device tensor (no host sync);
+    with a boolean ``rows`` mask, over those rows only (an expert-sorted x has rows nothing wrote)."""
     qmax = INT8_MAX if dtype == torch.int8 else FP8_MAX
-    return (x.abs().amax().float().clamp_min(SCALE_EPS) / qmax).reshape(1)
+    a = x.abs() if rows is None else torch.where(rows[:, None], x.abs(), 0)
+    return (a.amax().float().clamp_min(SCALE_EPS) / qmax).reshape(1)

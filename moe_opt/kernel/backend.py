@@ -47,14 +47,15 @@ class KernelBackend(Protocol):
     def unsupported(self, spec: ModelSpec) -> str | None:
         """Why this backend cannot time ``spec`` correctly, or None."""
 
-    def candidates(self, spec: ModelSpec, shared_memory_bytes: int) -> list[Config]:
-        """The configs worth proposing for ``spec`` on a device with this per-block shared memory."""
+    def candidates(self, spec: ModelSpec, shared_memory_bytes: int, tma: bool = False) -> list[Config]:
+        """The configs worth proposing for ``spec`` on a device with this per-block shared memory; ``tma``: the
+        device has tensor descriptors (MeasurerInfo.tma), so USE_TMA may be offered."""
 
-    def grid(self, spec: ModelSpec) -> list[Config]:
+    def grid(self, spec: ModelSpec, tma: bool = False) -> list[Config]:
         """Every config of the space for ``spec`` (the exhaustive baseline), fitting or not."""
 
-    def choices(self, spec: ModelSpec) -> dict[str, Sequence[int]]:
-        """Allowed values of each tunable (the trial's distributions)."""
+    def choices(self, spec: ModelSpec, tma: bool = False) -> dict[str, Sequence]:
+        """Allowed values of each tunable (the trial's distributions); "USE_TMA" only where it is offered."""
 
     def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
         """Why ``config`` need not be compiled at all ("Rejected: ..."), or None."""
@@ -120,16 +121,25 @@ class BuiltinBackend:
                     "computation")
         return None
 
-    def candidates(self, spec: ModelSpec, shared_memory_bytes: int) -> list[Config]:
-        return space.candidates_for(spec, shared_memory_bytes)
+    @property
+    def offers_tma(self) -> bool:
+        """USE_TMA is SGLang's (its fused_moe.py reads it; vLLM's kernel has no TMA path)."""
+        return self.target == "sglang"
 
-    def grid(self, spec: ModelSpec) -> list[Config]:
-        return space.grid_for(spec)
+    def candidates(self, spec: ModelSpec, shared_memory_bytes: int, tma: bool = False) -> list[Config]:
+        return space.candidates_for(spec, shared_memory_bytes, tma=tma and self.offers_tma)
 
-    def choices(self, spec: ModelSpec) -> dict[str, Sequence[int]]:
-        return space.choices_for(spec)
+    def grid(self, spec: ModelSpec, tma: bool = False) -> list[Config]:
+        return space.grid_for(spec, tma=tma and self.offers_tma)
+
+    def choices(self, spec: ModelSpec, tma: bool = False) -> dict[str, Sequence]:
+        return space.choices_for(spec, tma=tma and self.offers_tma)
 
     def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
+        if config.USE_TMA:
+            why = space.tma_refusal(spec) if self.offers_tma else f"USE_TMA: target {self.target} has no TMA path"
+            if why is not None:
+                return f"Rejected: {why}"
         a_bytes, b_bytes = space.operand_bytes(spec.dtype)
         if not space.fits_shared_memory(config, a_bytes, b_bytes, shared_memory_bytes):
             return f"Rejected: shared-memory estimate exceeds the device's {shared_memory_bytes} bytes per block"

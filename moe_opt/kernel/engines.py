@@ -56,6 +56,9 @@ class EngineBackend(BuiltinBackend):
     """What both engines share: the builtin space, screen and inputs; the engine's call and default."""
 
     package = ""
+    # No USE_TMA: an engine's override_config sets one config for both GEMMs, and SGLang reads USE_TMA for GEMM2
+    # (and its sorted GEMM1 output) from a _down file only.
+    offers_tma = False
     known_versions: tuple[str, ...] = ()
     times_stages = False  # the engine's call cannot stop after GEMM1, nor take a config per GEMM (pair tunes)
     specializes_on_m = False

@@ -168,6 +168,20 @@ def _check_block_size_k(scheme: Scheme, block_shape, configs: Sequence[Config]) 
                               "(the kernel reads one row of group scales per K step)")
 
 
+def _check_tma(scheme: Scheme, launch: str, up: Config, down: Config) -> None:
+    """Where USE_TMA runs: SGLang's fused_moe_kernel paths (docs/kernel.md, "TMA")."""
+    if not (up.USE_TMA or down.USE_TMA):
+        return
+    if launch != "sglang":
+        raise ConfigError(f"USE_TMA is SGLang's path; launch {launch!r} has none")
+    if scheme.quant == QUANT_WNA16:
+        raise ConfigError(f"USE_TMA: {scheme.quant_dtype} with groups runs SGLang's gptq/awq kernel, which has no "
+                          "TMA path")
+    if down.USE_TMA and scheme.quant == QUANT_PER_CHANNEL:
+        raise ConfigError("USE_TMA in the down config: per-channel w8a8 is left out (SGLang's down path reads the "
+                          "sorted activations' per-token scales at the unsorted slot index)")
+
+
 def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: Config | Mapping[str, int], *, swiglu_limit: float | None = None,
               quant_dtype: str | None = None, per_channel_quant: bool = False,
@@ -186,7 +200,9 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         topk_weights: (M, topk) float32 routed weights.
         topk_ids: (M, topk) int32/int64 expert ids; -1 marks an expert on another EP rank (contributes zero).
         config: the launch config (a :class:`~moe_opt.space.Config` or a dict with the six keys), used for both
-            GEMMs unless ``config_down`` is given for the second.
+            GEMMs unless ``config_down`` is given for the second. USE_TMA (SGLang's key) in the config of GEMM1
+            loads its weights through tensor descriptors; in GEMM2's config, GEMM1 writes its output in
+            expert-sorted order and GEMM2 reads A and B through descriptors (docs/kernel.md, "TMA").
         swiglu_limit: DeepSeek-V4's clamp L: ``silu(min(gate, L)) * clamp(up, -L, L)``; None for plain SwiGLU.
         quant_dtype: SGLang's names: "fp8_w8a8" (float8_e4m3fn weights), "int8_w8a8" (int8 weights and
             activations), "int8_w8a16" (int8 weights, or uint8 GPTQ weights with ``block_shape [0, group]``),
@@ -206,7 +222,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
             dynamically from the data when None. Ignored for block-wise fp8 (always per token group).
         out: optional (M, K) output tensor.
         up_only: stop after GEMM1's stage (alignment, GEMM1, activation) and return GEMM2's input: how a pair
-            tune times GEMM1's stage alone (measure/cuda_graph.py); GEMM2's is the rest of the call.
+            tune times GEMM1's stage alone (measure/cuda_graph.py); GEMM2's is the rest of the call. With USE_TMA
+            in the down config that input is expert-sorted, one row per position of the alignment.
         launch: whose launch rules to follow: "sglang" (moe_align_block_size always; the grid covers the whole
             sorted_token_ids) or "vllm" (vLLM's fused_experts_impl: below M * topk * 4 <= E each (token, expert)
             pair gets a block of its own without alignment; the grid trimmed to M * topk * BLOCK_SIZE_M rows where
@@ -239,6 +256,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     scheme = _check_inputs(x, w1, w2, topk_weights, topk_ids, quant_dtype, per_channel_quant, block_shape,
                            w1_scale, w2_scale, w1_zp, w2_zp, a1_scale, a2_scale)
     _check_block_size_k(scheme, block_shape, (config, config_down))
+    _check_tma(scheme, launch, config, config_down)
     quant, qdtype = scheme.quant, scheme.act_dtype
     M, K = x.shape
     E, two_n, _ = w1.shape
@@ -252,7 +270,14 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     em2 = vllm_em(M * topk, M * topk, E, block_m, naive) if launch == "vllm" else None
     topk_weights = topk_weights.float().contiguous() if topk_weights.dtype != torch.float32 else topk_weights
 
-    def gemm(a, w, c, a_scale, w_scale, w_zp, routed_weights, top_k, cfg, em):
+    # SGLang's down TMA (fused_moe.py, _fused_moe_kernel_sequence): GEMM1 writes C in sorted order (c_sorted),
+    # one row per position of sorted_token_ids (SGLang's total_tokens, M*topk + min(M*topk, E+1)*(BLOCK_SIZE_M-1),
+    # is that length), so GEMM2's A rows of a block are contiguous and GEMM2 loads A and B by TMA.
+    c_sorted = config_down.USE_TMA
+    h_rows = aligned.sorted_token_ids.shape[0] if c_sorted else M * topk
+
+    def gemm(a, w, c, a_scale, w_scale, w_zp, routed_weights, top_k, cfg, em, a_tma=False, b_tma=False,
+             sorted_out=False):
         if quant == QUANT_WNA16:  # never naive: vLLM keeps the alignment for group-quantized weights
             invoke_fused_moe_kernel_wna16(a, w, c, w_scale, w_zp, routed_weights, aligned, top_k, cfg,
                                           compute_type=dtype, group_size=scheme.group_size,
@@ -261,7 +286,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         else:
             invoke_fused_moe_kernel(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg,
                                     compute_type=dtype, quant=quant, block_shape=block_shape,
-                                    mul_routed_weight=routed_weights is not None, em=em, naive=naive)
+                                    mul_routed_weight=routed_weights is not None, em=em, naive=naive,
+                                    a_tma=a_tma, b_tma=b_tma, c_sorted=sorted_out)
 
     # GEMM1: (M, K) x (E, 2N, K) -> (M*topk, 2N)
     if quant == QUANT_BLOCK:
@@ -273,15 +299,18 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         a1, a1s = act.quant_token(x, qdtype)
     else:
         a1, a1s = x, None
-    h = torch.empty(M * topk, two_n, dtype=dtype, device=x.device)
-    gemm(a1, w1, h, a1s, w1_scale, w1_zp, None, topk, config, em1)
+    h = torch.empty(h_rows, two_n, dtype=dtype, device=x.device)
+    gemm(a1, w1, h, a1s, w1_scale, w1_zp, None, topk, config, em1, b_tma=config.USE_TMA, sorted_out=c_sorted)
 
     # Activation (+ quantization of GEMM2's input), one Triton kernel.
     if quant == QUANT_BLOCK:
         a2, a2s = act.swiglu_quant_group(h, block_shape[1], swiglu_limit, qdtype)
     elif quant == QUANT_PER_TENSOR:
         g = act.swiglu(h, swiglu_limit)
-        a2s = act.dynamic_tensor_scale(g, qdtype) if a2_scale is None else a2_scale.float().reshape(1)
+        # A sorted h has rows GEMM1 never wrote (padding positions, the unused tail): the scale leaves them out.
+        # (SGLang takes max|g| over the whole buffer there.)
+        valid = aligned.sorted_token_ids < M * topk if c_sorted else None
+        a2s = act.dynamic_tensor_scale(g, qdtype, valid) if a2_scale is None else a2_scale.float().reshape(1)
         a2 = act.quant_static(g, a2s, qdtype)
     elif quant == QUANT_PER_CHANNEL:
         a2, a2s = act.swiglu_quant_token(h, swiglu_limit, qdtype)
@@ -292,7 +321,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
 
     # GEMM2: (M*topk, N) x (E, K, N) -> (M*topk, K), times the routed weight of each slot.
     y = torch.empty(M * topk, K, dtype=dtype, device=x.device)
-    gemm(a2, w2, y, a2s, w2_scale, w2_zp, topk_weights, 1, config_down, em2)
+    gemm(a2, w2, y, a2s, w2_scale, w2_zp, topk_weights, 1, config_down, em2, a_tma=c_sorted, b_tma=c_sorted)
 
     # Sum over topk.
     if out is None:

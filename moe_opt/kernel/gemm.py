@@ -15,6 +15,12 @@ output column, one A scale per token; 4 = int8_w8a16: int8 B converted to the co
 per output column. The per-tensor and per-channel scales multiply the accumulator once, after the K loop. int8 A
 and B (INT8_DOT) give exact int32 partial sums, added to the float32 accumulator as SGLang does. Group-quantized
 weights (int4_w4a16, GPTQ/AWQ) have their own kernel in gemm_wna16.py.
+
+TMA (SGLang's USE_TMA; tma.py builds the descriptors): B_TMA loads B tiles through a tensor descriptor of B
+(E, N, K); A_TMA loads A tiles through a descriptor of an expert-sorted A, whose rows are the positions of
+``sorted_token_ids`` (block pid_m's rows are pid_m * BLOCK_SIZE_M onwards, contiguous), its per-token-group scales
+read at those positions too; C_SORTED stores C at those positions instead of the slots' (how GEMM1 writes GEMM2's
+TMA input).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ..space import Config
+from . import tma
 from .align import AlignedSlots
 from .interpret import interpreting, round_for_cast, round_mode
 from .quant import FP8_DTYPE
@@ -35,7 +42,7 @@ QUANT_NONE, QUANT_PER_TENSOR, QUANT_BLOCK, QUANT_PER_CHANNEL, QUANT_W8A16 = 0, 1
 # every batch size, so a config compiled once (or by a compile worker) serves all of them.
 @triton.jit(do_not_specialize=["EM", "num_valid_tokens"])
 def fused_moe_kernel(
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr,
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr, a_desc, b_desc,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, EM, num_valid_tokens,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -46,6 +53,7 @@ def fused_moe_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
     QUANT: tl.constexpr, INT8_DOT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INTERP_ROUND: tl.constexpr, NAIVE: tl.constexpr = False,
+    A_TMA: tl.constexpr = False, B_TMA: tl.constexpr = False, C_SORTED: tl.constexpr = False,
 ):
     # Grouped ordering of the (M blocks x N blocks) tiles, as in Triton's matmul tutorial.
     pid = tl.program_id(axis=0)
@@ -71,12 +79,17 @@ def fused_moe_kernel(
         offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
     token_mask = offs_token < num_valid_tokens
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    c_ptrs = c_ptr + stride_cm * offs_token[:, None] + stride_cn * offs_cn[None, :]
+    if C_SORTED:
+        c_ptrs = c_ptr + stride_cm * offs_token_id[:, None] + stride_cn * offs_cn[None, :]
+    else:
+        c_ptrs = c_ptr + stride_cm * offs_token[:, None] + stride_cn * offs_cn[None, :]
     c_mask = token_mask[:, None] & (offs_cn[None, :] < N)
 
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    expert_i32 = tl.load(expert_ids_ptr + pid_m)
+    expert = expert_i32.to(tl.int64)
     if expert == -1:
-        # Expert-parallel: this expert lives on another rank; its slots contribute zero.
+        # Expert-parallel: this expert lives on another rank; its slots contribute zero. (With C_SORTED, SGLang
+        # stores nothing here, as GEMM2 never reads these rows; zeros keep a per-tensor scale off stale memory.)
         tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=compute_type), mask=c_mask)
         return
 
@@ -85,12 +98,17 @@ def fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_ptrs = a_ptr + (offs_token[:, None] // top_k * stride_am + offs_k[None, :] * stride_ak)
     b_ptrs = b_ptr + expert * stride_be + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    start_m = pid_m * BLOCK_SIZE_M  # the block's first row in an expert-sorted A (A_TMA)
+    start_n = pid_n * BLOCK_SIZE_N
 
     if QUANT == 1:
         a_scale = tl.load(a_scale_ptr)
         b_scale = tl.load(b_scale_ptr + expert)
     if QUANT == 2:
-        a_scale_ptrs = a_scale_ptr + (offs_token // top_k) * stride_asm
+        if A_TMA:
+            a_scale_ptrs = a_scale_ptr + offs_token_id * stride_asm  # the sorted A's scales are sorted too
+        else:
+            a_scale_ptrs = a_scale_ptr + (offs_token // top_k) * stride_asm
         if BLOCK_SIZE_N > group_n:
             offs_bsn = offs_bn // group_n
         else:
@@ -107,11 +125,19 @@ def fused_moe_kernel(
         accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
 
     for k_start in range(0, K, BLOCK_SIZE_K):
-        if EVEN_K:
+        # A descriptor reads rows and columns past the tensor as zero: no mask. Padding rows of a sorted A hold
+        # whatever GEMM1 left there; they only reach C rows that are masked at the store.
+        if A_TMA:
+            a = a_desc.load([start_m, k_start])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=token_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < K - k_start), other=0.0)
+        if B_TMA:
+            b = b_desc.load([expert_i32, start_n, k_start]).reshape(BLOCK_SIZE_N, BLOCK_SIZE_K).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k_start, other=0.0)
         if QUANT == 4 and not UPCAST_DOT:
             b = b.to(compute_type)  # |q| <= 128 is exact in bf16/fp16; the scale comes after the loop
@@ -171,12 +197,18 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
                             b_scale: torch.Tensor | None, topk_weights: torch.Tensor | None,
                             aligned: AlignedSlots, top_k: int, config: Config, *, compute_type: torch.dtype,
                             quant: int, block_shape: tuple[int, int] | None, mul_routed_weight: bool,
-                            em: int | None = None, naive: bool = False) -> None:
+                            em: int | None = None, naive: bool = False, a_tma: bool = False,
+                            b_tma: bool = False, c_sorted: bool = False) -> None:
     """Launch fused_moe_kernel: C (M*topk, N) = per-slot A @ B[expert].T with B of shape (E, N, K).
 
     ``em``: the rows the grid covers (default: the length of sorted_token_ids, SGLang's); ``naive``: vLLM's
     tiny-batch block assignment, one (token, expert) pair per block (align.vllm_naive_block_assignment).
+    ``b_tma``: B through a tensor descriptor; ``a_tma``: A is expert-sorted (one row per position of
+    sorted_token_ids, as GEMM1 writes it with ``c_sorted``) and read through a descriptor; ``c_sorted``: C is
+    written that way, with as many rows as sorted_token_ids. A ConfigError says why a tensor cannot be described.
     """
+    if a_tma and c.shape[0] >= a.shape[0]:
+        raise ValueError("a_tma reads an expert-sorted A: one row per position of sorted_token_ids")
     sorted_token_ids, expert_ids, num_tokens_post_padded = aligned
     E, N, K = b.shape
     # An upper bound; programs past num_tokens_post_padded return at once.
@@ -193,10 +225,13 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         stride_bse, stride_bsn = b_scale.stride()[:2]  # (E, N) or SGLang's (E, N, 1)
     upcast = interpreting() and a.dtype == torch.bfloat16
     triton_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[compute_type]
+    a_desc = tma.descriptor(a, [config.BLOCK_SIZE_M, config.BLOCK_SIZE_K], "the sorted A") if a_tma else None
+    b_desc = tma.descriptor(b, [1, config.BLOCK_SIZE_N, config.BLOCK_SIZE_K], "the weights") if b_tma else None
     fused_moe_kernel[grid](
-        a, b, c, a_scale, b_scale, topk_weights,
+        a, b, c, a_scale, b_scale, topk_weights, a_desc, b_desc,
         sorted_token_ids, expert_ids, num_tokens_post_padded,
-        N, K, EM, a.shape[0] * top_k,
+        # The slots (SGLang's topk_ids.numel()): C's rows, or A's times top_k where C is sorted.
+        N, K, EM, a.shape[0] * top_k if c_sorted else c.shape[0],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
         group_n=group_n, group_k=group_k,
@@ -206,5 +241,6 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         QUANT=quant, INT8_DOT=a.dtype == torch.int8, EVEN_K=K % config.BLOCK_SIZE_K == 0,
         SWAP_AB=use_swap_ab(config, a.dtype == FP8_DTYPE, a.device),
         UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type), NAIVE=naive,
+        A_TMA=a_tma, B_TMA=b_tma, C_SORTED=c_sorted,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

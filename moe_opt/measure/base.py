@@ -49,6 +49,8 @@ class MeasurerInfo:
         shared_memory_bytes: the device's per-block shared-memory limit; configs that cannot fit are never
             proposed. Measurers that run no device (the interpreter, replays of Hopper tables) screen as Hopper.
         kind: "cuda_graph", "interpreter", "replay" or "custom"; a cuda_graph measurer gets a compile pool.
+        tma: the device can load through tensor descriptors (Hopper's TMA, kernel/tma.py): only then the space
+            offers USE_TMA. False for the interpreter; a replay table's says whether it recorded USE_TMA configs.
     """
 
     device_name: str
@@ -57,6 +59,7 @@ class MeasurerInfo:
     is_performance: bool = True
     shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES
     kind: str = "custom"
+    tma: bool = False
 
 
 @runtime_checkable

@@ -23,11 +23,14 @@ def cuda_graph_description(device_name: str, calls_per_graph: int = 10, replays:
 def cuda_graph_info(device: str | torch.device = "cuda", calls_per_graph: int = 10, replays: int = 5) -> MeasurerInfo:
     """The :class:`MeasurerInfo` of a CUDA-graph timer on ``device``, read from the device (name, shared memory
     per block); the tuning process asks it without building the timer."""
+    from ..kernel.tma import device_supports_tma
+
     props = torch.cuda.get_device_properties(torch.device(device))
     smem = getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED_MEMORY_BYTES
     return MeasurerInfo(device_name=props.name, source=props.name,
                         description=cuda_graph_description(props.name, calls_per_graph, replays),
-                        is_performance=True, shared_memory_bytes=int(smem), kind="cuda_graph")
+                        is_performance=True, shared_memory_bytes=int(smem), kind="cuda_graph",
+                        tma=device_supports_tma(device))
 
 
 class CudaGraphTimer:

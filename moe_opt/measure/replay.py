@@ -2,7 +2,8 @@
 
 Columns: M, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, GROUP_SIZE_M, num_warps, num_stages, us. An empty or NaN
 ``us`` means the config failed to compile or launch (an ``error`` column may say why); any other ``us`` is a
-latency, a finite number of microseconds > 0; each (M, config) appears once. Extra columns are kept but ignored.
+latency, a finite number of microseconds > 0; each (M, config) appears once. An optional USE_TMA column (true/false,
+1/0; empty or absent: false) records SGLang's TMA key. Other extra columns are kept but ignored.
 ``ReplayTable`` is a :class:`~moe_opt.measure.base.Measurer`, so the tuner searches a table exactly as it searches
 the GPU.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import TuneError
-from ..space import HOPPER_SHARED_MEMORY_BYTES, PARAM_NAMES, Config
+from ..space import HOPPER_SHARED_MEMORY_BYTES, PARAM_NAMES, TMA_NAME, Config
 from ..store.identity import REPLAY_SOURCE
 from .base import Measurement, MeasurerInfo
 
@@ -68,7 +69,8 @@ class ReplayTable:
         first_line: dict[tuple[int, Config], int] = {}
         for line, row in rows:
             try:
-                config = Config(*(int(row[k]) for k in PARAM_NAMES))
+                config = Config.from_dict({**{k: int(row[k]) for k in PARAM_NAMES},
+                                           TMA_NAME: (row.get(TMA_NAME) or "").strip() or None})
                 M = int(row["M"])
                 if M < 1:
                     raise ValueError(f"M {M} is not a batch size")
@@ -88,7 +90,8 @@ class ReplayTable:
         self.info = MeasurerInfo(
             device_name=meta.get("device") or f"replay:{self.path.stem}", source=REPLAY_SOURCE + self.path.name,
             description=f"replay of {self.path.name}", is_performance=True,
-            shared_memory_bytes=int(meta.get("shared_memory_bytes") or HOPPER_SHARED_MEMORY_BYTES), kind="replay")
+            shared_memory_bytes=int(meta.get("shared_memory_bytes") or HOPPER_SHARED_MEMORY_BYTES), kind="replay",
+            tma=any(c.USE_TMA for configs in self.entries.values() for c in configs))
 
     def metadata(self) -> dict:
         """The JSON sidecar written by the recorder (``<table>.csv.json``: spec, device, versions), or {}."""
@@ -222,4 +225,5 @@ def record_table(storage, path: str | os.PathLike, *, base: str | None = None) -
     rows = table_rows_from_storage(storage, base=base)
     if not rows:
         raise TuneError(f"storage {storage} holds no moe_opt trials to record")
-    return write_table(rows, path, extra_columns=("error",))
+    tma = (TMA_NAME,) if any(TMA_NAME in row for row in rows) else ()  # a table without TMA is as it always was
+    return write_table(rows, path, extra_columns=("error",) + tma)

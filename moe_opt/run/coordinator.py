@@ -210,7 +210,7 @@ class Coordinator:
     def release(self, study: optuna.Study, trial_id: int, params: dict, number: int, why: str) -> bool:
         """Fail a trial as interrupted and enqueue its config to be retried first; False if it had finished."""
         storage = study._storage
-        retried = len(params) == len(PARAM_NAMES)
+        retried = all(p in params for p in PARAM_NAMES)
         with deferred_signals():  # failed but never enqueued would lose the retry
             try:
                 storage.set_trial_user_attr(trial_id, "error", f"{INTERRUPTED}: {why}" +
@@ -289,7 +289,8 @@ class Coordinator:
         with deferred_signals():  # asked, stamped and held in one step (an unstamped trial is a dead claimer's)
             trial = study.ask()
             try:
-                config = Config(*(int(trial.suggest_categorical(p, strategy.choices[p])) for p in PARAM_NAMES))
+                config = Config.from_dict({p: trial.suggest_categorical(p, strategy.choices[p])
+                                           for p in strategy.choices})  # the six, and USE_TMA where offered
                 strategy.asked(M, config)
                 enqueued = trial.number in waiting  # Optuna pops queued trials first
                 if config in running or (enqueued and config in strategy.tried(M)):
@@ -309,7 +310,8 @@ class Coordinator:
 def _create_running_trial(study: optuna.Study, config: Config, strategy: Strategy, stamp: dict) -> optuna.Trial:
     """A RUNNING trial of ``config`` stamped with its worker, created in one storage write (Optuna's ask, six
     suggests and the stamp are eight: most of a trial's bookkeeping time on SQLite). What is stored is what the ask
-    path stores: the same params and distributions, so readers and Optuna's own tools cannot tell them apart."""
+    path stores: the same params (the six, and USE_TMA where the space offers it) and distributions, so readers and
+    Optuna's own tools cannot tell them apart."""
     import datetime
 
     from ..search.base import distributions
@@ -317,7 +319,7 @@ def _create_running_trial(study: optuna.Study, config: Config, strategy: Strateg
     dists = distributions(strategy.choices)
     template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
                            datetime_start=datetime.datetime.now(), datetime_complete=None,
-                           params={p: getattr(config, p) for p in PARAM_NAMES}, distributions=dists,
+                           params={p: getattr(config, p) for p in dists}, distributions=dists,
                            user_attrs={}, system_attrs={WORKER_KEY: stamp}, intermediate_values={}, trial_id=-1)
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id)

@@ -271,9 +271,10 @@ class TuneSession:
             choices = dict(space.iter_choices(block_k))
             defaults = {M: space.default_config(M, 256, None) for M in self.batch_sizes}
         else:
-            grid = self.backend.grid(spec)
-            fitting = self.backend.candidates(spec, smem)
-            choices = self.backend.choices(spec)
+            tma = self.info.tma  # the device has tensor descriptors: the backend may offer USE_TMA
+            grid = self.backend.grid(spec, tma=tma)
+            fitting = self.backend.candidates(spec, smem, tma=tma)
+            choices = self.backend.choices(spec, tma=tma)
             defaults = {M: self.backend.default_config(spec, M) for M in self.batch_sizes}
         candidates = grid if self.plan.sampler == "grid" else fitting
         return _Space(candidates, choices, len(grid), defaults)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from ..space import PARAM_NAMES, Config
+from ..space import Config
 from .surrogate import SearchState
 
 
-def distributions(choices: dict[str, Sequence[int]]) -> dict:
+def distributions(choices: dict[str, Sequence]) -> dict:
+    """One categorical distribution per tunable of ``choices``: the six, and USE_TMA where the space offers it."""
     from optuna.distributions import CategoricalDistribution
 
-    return {name: CategoricalDistribution(list(choices[name])) for name in PARAM_NAMES}
+    return {name: CategoricalDistribution(list(values)) for name, values in choices.items()}
 
 
 class Strategy:
@@ -139,7 +140,8 @@ def _ProposingSampler(strategy: ProposingStrategy, M: int, seed: int | None):
             if "fixed_params" in trial.system_attrs:  # an enqueued warm-start or retry config
                 return {}
             config = strategy.next_config(M)
-            return {} if config is None else config.to_dict()
+            # USE_TMA false included: a space offering it must not draw it at random
+            return {} if config is None else config.params()
 
         def sample_independent(self, study, trial, param_name, param_distribution):
             return self._fallback.sample_independent(study, trial, param_name, param_distribution)

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..space import PARAM_NAMES, Config
+from ..space import PARAM_NAMES, TMA_NAME, Config
 
 # How fast similarity decays per step along each tunable's ordered choices. GROUP_SIZE_M only reorders tiles,
 # so its effect is small; block sizes change the whole kernel.
 STEP_DECAY = {"BLOCK_SIZE_M": 1.2, "BLOCK_SIZE_N": 1.2, "BLOCK_SIZE_K": 1.2, "GROUP_SIZE_M": 0.15,
-              "num_warps": 0.8, "num_stages": 0.6}
+              "num_warps": 0.8, "num_stages": 0.6, TMA_NAME: 0.6}
+# USE_TMA is a feature like the others (one step: the same tiles loaded another way); where the candidates have
+# no TMA config it is constant and changes nothing.
+FEATURES = PARAM_NAMES + (TMA_NAME,)
 BATCH_DECAY = 1.0  # per octave of batch size between the measured and the predicted M
 OTHER_M_WEIGHT = 0.5  # a measurement at another batch size counts at most this much
 PRIOR_LOG_RATIO = 0.35  # unexplored configs are assumed ~40% slower than the best
@@ -60,10 +63,10 @@ class SearchState:
 
     def __post_init__(self) -> None:
         self._index = {c: i for i, c in enumerate(self.candidates)}
-        choices = [sorted({getattr(c, p) for c in self.candidates}) for p in PARAM_NAMES]
-        steps = np.array([[choices[j].index(getattr(c, p)) for j, p in enumerate(PARAM_NAMES)]
+        choices = [sorted({getattr(c, p) for c in self.candidates}) for p in FEATURES]
+        steps = np.array([[choices[j].index(getattr(c, p)) for j, p in enumerate(FEATURES)]
                           for c in self.candidates], dtype=np.float64)
-        decay = np.array([STEP_DECAY[p] for p in PARAM_NAMES])
+        decay = np.array([STEP_DECAY[p] for p in FEATURES])
         # Similarity of every pair of candidates, computed once: exp(-sum of decayed step distances).
         step_distance = np.abs(steps[:, None, :] - steps[None, :, :])
         self._similarity = np.exp(-(step_distance @ decay))

@@ -149,9 +149,10 @@ def result_of(trials: list, attrs: dict[str, Any], M: int | None = None) -> Stud
 
     Example:
         >>> import optuna
+        >>> from moe_opt.space import PARAM_NAMES
         >>> study = optuna.create_study()
         >>> study.add_trial(optuna.trial.create_trial(params=Config(64, 128, 128, 32, 4, 3).to_dict(),
-        ...     distributions={k: optuna.distributions.IntDistribution(1, 512) for k in Config.__dataclass_fields__},
+        ...     distributions={k: optuna.distributions.IntDistribution(1, 512) for k in PARAM_NAMES},
         ...     value=41.5))
         >>> result_of(study.get_trials(), {}).best.latency_us
         41.5

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..space import PARAM_NAMES, Config
+from ..space import PARAM_NAMES, TMA_NAME, Config
 
 # A trial's user attribute "error" holds why a config failed; these prefixes mean it failed to compile (or was
 # screened out before compiling), which does not depend on the batch size.
@@ -29,14 +29,18 @@ def config_of(trial: Any) -> Config | None:
     """
     params = trial.params or trial.system_attrs.get("fixed_params") or {}
     try:
-        return Config(*(int(params[p]) for p in PARAM_NAMES))
+        values = {p: int(params[p]) for p in PARAM_NAMES}
+        if TMA_NAME in params:  # a study whose space offers USE_TMA; absent in every other (false)
+            values[TMA_NAME] = params[TMA_NAME]
+        return Config.from_dict(values)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def trial_params(config: Config) -> dict[str, int]:
-    """The params of a trial that runs ``config`` (for ``study.enqueue_trial``)."""
-    return config.to_dict()
+def trial_params(config: Config) -> dict[str, int | bool]:
+    """The params of a trial that runs ``config`` (for ``study.enqueue_trial``): the six and USE_TMA, false
+    included, so an enqueued trial of a space offering TMA fixes it too (a space without it never suggests it)."""
+    return config.params()
 
 
 def error_of(trial: Any) -> str:
