@@ -34,6 +34,8 @@ def main() -> int:
                    help="tune a config per GEMM (tune()'s down_config; auto: the default)")
     p.add_argument("--routing", default="uniform", help="tune()'s routing: uniform, zipf<s>, trace:PATH")
     p.add_argument("--dtype", default=None, help="tune()'s dtype (default: the model's)")
+    p.add_argument("--tma", choices=["auto", "off"], default="auto",
+                   help="tune()'s tma: auto (None: USE_TMA offered where the device has it) or off (False)")
     p.add_argument("--n-trials", type=int, default=None, help="tune()'s n_trials (default: its default)")
     p.add_argument("--storage", default=None, help="tune()'s storage, e.g. journal:studies/x.journal (default: its "
                                                    "default, SQLite)")
@@ -56,7 +58,7 @@ def main() -> int:
 
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
-                          routing=args.routing, n_trials=args.n_trials,
+                          routing=args.routing, n_trials=args.n_trials, tma=None if args.tma == "auto" else False,
                           storage=args.storage)
     wall_s = time.time() - STARTED
 
@@ -84,7 +86,7 @@ def main() -> int:
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
         "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
-        "commit": os.environ.get("MOE_OPT_COMMIT"), "storage": str(result.storage),
+        "commit": os.environ.get("MOE_OPT_COMMIT"), "storage": str(result.storage), "tma": args.tma,
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -184,7 +184,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                   tuned_config_dirs=args.tuned_config_dir, device=args.device, replay=args.replay,
                   compile_workers=args.compile_workers, progress=True, n_workers=args.workers,
                   confirm=not args.no_confirm, down_config=False if args.no_down_config else None,
-                  routing=args.routing, kernel=args.kernel, target=args.target)
+                  routing=args.routing, kernel=args.kernel, target=args.target,
+                  tma=False if args.no_tma else None)
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.worker_errors:
@@ -212,7 +213,7 @@ def _cmd_sweep(args: argparse.Namespace, dtypes: list[str | None]) -> int:
                 tuned_config_dirs=args.tuned_config_dir, device=args.device, compile_workers=args.compile_workers,
                 progress=True, n_workers=args.workers, confirm=not args.no_confirm,
                 down_config=False if args.no_down_config else None, routing=args.routing, kernel=args.kernel,
-                target=args.target)
+                target=args.target, tma=False if args.no_tma else None)
     print(f"moe-opt sweep: {len(out.results)} shape{'s' if len(out.results) != 1 else ''} in {out.wall_s:.1f} s")
     for (tp, dtype), result in out.results.items():
         g = result.geomean_speedup()
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tune one config for both GEMMs; by default, where each GEMM can be timed (GPU, CPU "
                           "interpreter), a config per GEMM is tuned and SGLang's <name>_down.json written beside "
                           "the up file (docs/tuning.md)")
+    how.add_argument("--no-tma", action="store_true",
+                     help="never offer USE_TMA; by default, on a GPU with tensor descriptors (Hopper) and for SGLang, "
+                          "each GEMM's TMA loads are a tunable (docs/kernel.md)")
     how.add_argument("--routing", default="uniform",
                      help="routing of the timed calls: uniform (default), zipf<s> (skewed expert popularity, e.g. "
                           "zipf1.2) or trace:PATH (SGLang's topk_ids dumps, .pt or .npy; docs/routing.md)")

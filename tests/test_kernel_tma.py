@@ -242,3 +242,24 @@ def test_a_tune_on_a_table_that_recorded_tma_searches_it_and_exports_it(tmp_path
     sglang = next((tmp_path / "out" / "configs").rglob("E=8,N=1024,device_name=NVIDIA_H200.json"))
     assert json.loads(sglang.read_text())["16"]["USE_TMA"] is True
     assert "USE_TMA" not in json.loads((tmp_path / "out" / "E=8,N=1024,device_name=NVIDIA_H200.json").read_text())["16"]
+
+    # tma=False: the same table's tune never proposes USE_TMA, in a study of its own ("|tma" names the other one).
+    off = moe_opt.tune(replay=str(table), n_trials=20, storage="sqlite:///t.db", output_dir=None, seed=1,
+                       progress=False, tma=False)
+    assert not Config.from_dict(off.best[16]).USE_TMA
+    assert r.study_names[16].endswith("|tma|M=16") and "|tma" not in off.study_names[16]
+
+
+def test_tma_true_on_a_device_without_tensor_descriptors_is_a_one_line_error(tmp_path, monkeypatch):
+    import moe_opt
+    from moe_opt.errors import TuneError
+
+    monkeypatch.chdir(tmp_path)
+    table = "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv"
+    import pathlib
+
+    table = str(pathlib.Path(__file__).resolve().parents[1] / table)
+    with pytest.raises(TuneError, match=r"tma=True needs a device with tensor descriptors.*give tma=None$"):
+        moe_opt.tune(replay=table, n_trials=2, storage="sqlite:///x.db", output_dir=None, progress=False, tma=True)
+    with pytest.raises(TuneError, match="tma must be None, True or False, got 'yes'"):
+        moe_opt.tune(replay=table, n_trials=2, output_dir=None, progress=False, tma="yes")

@@ -74,6 +74,7 @@ class TunePlan:
     kernel: str = "builtin"
     target: str | None = None  # the engine whose launch rules and default the builtin follows (None: SGLang)
     routing: Any = "uniform"  # a model.routing.RoutingSpec or its words: "uniform", "zipf1.2", "trace:PATH"
+    tma: bool | None = None  # USE_TMA offered where the device has it (None), never (False), or required (True)
     down_config: bool | None = None  # a config per GEMM (SGLang's _down file); None: where each GEMM can be timed
 
 
@@ -271,7 +272,12 @@ class TuneSession:
             choices = dict(space.iter_choices(block_k))
             defaults = {M: space.default_config(M, 256, None) for M in self.batch_sizes}
         else:
-            tma = self.info.tma  # the device has tensor descriptors: the backend may offer USE_TMA
+            # The device has tensor descriptors and the caller did not turn them off: the backend may offer USE_TMA.
+            tma = self.info.tma and self.plan.tma is not False
+            if self.plan.tma and not self.info.tma:
+                raise TuneError(f"tma=True needs a measurer that can time USE_TMA: a GPU with tensor descriptors (Hopper "
+                                f"or newer, with a Triton that has them) or a replay table with a USE_TMA column; "
+                                f"{self.info.description} has neither; give tma=None")
             grid = self.backend.grid(spec, tma=tma)
             fitting = self.backend.candidates(spec, smem, tma=tma)
             choices = self.backend.choices(spec, tma=tma)
@@ -285,7 +291,8 @@ class TuneSession:
         triton = meta.get("triton") if self.table is not None else None
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
                              table_name=Path(self.plan.replay).stem if self.table is not None else None,
-                             routing=self.routing.key(), pair=self.pair, target=self.backend.target)
+                             routing=self.routing.key(), pair=self.pair, target=self.backend.target,
+                             tma=space.TMA_NAME in self.space.choices)
 
     def _open_studies(self) -> None:
         import optuna

@@ -25,7 +25,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
          progress: bool = True, n_workers: int = 1, guard: bool | Callable[[Config], Any] = True,
          measure_timeout_s: float = MEASURE_TIMEOUT_S, compile_pool: Any = None, confirm: bool = True,
          kernel: str = "builtin", routing: Any = "uniform", down_config: bool | None = None,
-         target: str | None = None) -> TuneResult:
+         target: str | None = None, tma: bool | None = None) -> TuneResult:
     """Tune the fused-MoE launch config of a model for each batch size and export SGLang/vLLM config files.
 
     One Optuna study per batch size is searched (moe_opt's search by default), every trial claimed so that any
@@ -81,6 +81,9 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
             each GEMM's, and the best pair is timed on the whole call against the best single config. None (default):
             on where the measurer times each GEMM (the GPU, the interpreter), off for replay tables; False: one
             config for both GEMMs. vLLM's file always holds the best single config (vLLM reads no down file).
+        tma: offer USE_TMA (SGLang's tensor-memory-accelerator loads, docs/kernel.md) as a tunable: None (default)
+            where the device has tensor descriptors (Hopper) and the target is SGLang; False never; True: the same
+            as None, but a device without them is an error. Part of the study identity ("|tma").
 
     Returns:
         TuneResult. Where a batch size has nothing to export (every config failed, or the search stopped before
@@ -111,7 +114,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
                     tuned_config_dirs=list(tuned_config_dirs), device=device, replay=replay, measurer=measurer,
                     compile_workers=compile_workers, progress=progress, n_workers=n_workers, guard=guard,
                     measure_timeout_s=measure_timeout_s, compile_pool=compile_pool, confirm=confirm, kernel=kernel,
-                    routing=routing, down_config=down_config, target=target)
+                    routing=routing, down_config=down_config, target=target, tma=tma)
     with TuneSession(plan) as session:
         session.prepare()
         session.search()
@@ -145,6 +148,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
     dtype = args["dtype"]
     if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ARGS):
         raise TuneError(f"unknown dtype {dtype!r}; accepted: fp8_w8a8, bf16/bfloat16, fp16/float16")
+    if args["tma"] not in (None, True, False):
+        raise TuneError(f"tma must be None, True or False, got {args['tma']!r}")
     for name in ("warm_start", "progress", "confirm"):
         if not isinstance(args[name], bool):
             raise TuneError(f"{name} must be True or False, got {args[name]!r}")

@@ -59,6 +59,8 @@ class StudyIdentity:
         pair: whether the tune searches a config per GEMM (its trials carry each GEMM stage's time: "|pair").
         target: the engine whose launch rules and default config the timed calls follow ("sglang", left out of the
             name as in every study before targets; "vllm": "|target=vllm").
+        tma: whether the space offers USE_TMA (a Hopper GPU, tune(tma=None)): "|tma", so a tune with tma=False never
+            resumes a study whose best may be a TMA config.
 
     Example:
         >>> spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=4096, intermediate_size=14336)
@@ -74,6 +76,7 @@ class StudyIdentity:
     routing: str = "uniform"
     pair: bool = False
     target: str = "sglang"
+    tma: bool = False
 
     @property
     def base(self) -> str:
@@ -81,8 +84,9 @@ class StudyIdentity:
         target = f"|target={self.target}" if self.target != "sglang" else ""
         routing = f"|routing={self.routing}" if self.routing != "uniform" else ""
         pair = "|pair" if self.pair else ""
+        tma = "|tma" if self.tma else ""
         return (f"{STUDY_PREFIX}|{shape_key(self.spec, self.table_name)}|{self.source.replace(' ', '_')}"
-                f"|triton={self.triton_version}|kernel={self.kernel}{target}{routing}{pair}")
+                f"|triton={self.triton_version}|kernel={self.kernel}{target}{routing}{pair}{tma}")
 
     def name(self, M: int) -> str:
         """``<base>|M=<M>``: readable in the dashboard and sorted by shape, then source, then batch size."""
@@ -97,7 +101,8 @@ class StudyIdentity:
         """The study's user attributes (device_name names the engines' files; for a replay, the table's GPU)."""
         attrs: dict[str, Any] = {
             "schema": SCHEMA_VERSION, "moe_opt_base": self.base, "M": M, "source": self.source,
-            "kernel": self.kernel, "target": self.target, "routing": self.routing, "pair": self.pair, "device_name": device_name, "triton_version": self.triton_version,
+            "kernel": self.kernel, "target": self.target, "routing": self.routing, "pair": self.pair, "tma": self.tma,
+            "device_name": device_name, "triton_version": self.triton_version,
             "torch_version": torch_version, "measurement": description, "is_performance": is_performance,
         }
         spec = self.spec
