@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def wanted(name: str, engine: str) -> bool:
-    from moe_opt.kernel.engine_source import LAYOUTS
+    from moe_opt.kernel.engine_layouts import LAYOUTS
 
     layout = LAYOUTS[engine]
     files = {m.replace(".", "/") + ".py" for m in layout.files}
