@@ -69,7 +69,11 @@ def nearest_entry(path: str | Path, M: int):
     (Config, None), or (None, why) where moe_opt's Config cannot hold it (vLLM ships BLOCK_SIZE_M 8 for fp8)."""
     from moe_opt import Config
 
-    table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isdigit()}
+    data = json.loads(Path(path).read_text())
+    if "per_batch_size" in data:  # a benchmarks/e2e_tune.py result: the tuned config per batch size
+        table = {int(r["M"]): r["config"] for r in data["per_batch_size"]}
+    else:
+        table = {int(k): v for k, v in data.items() if k.isdigit()}
     entry = table[min(table, key=lambda m: abs(m - M))]
     try:
         return Config.from_dict(entry), None
@@ -121,7 +125,8 @@ def main() -> int:
     p.add_argument("--engine-source", help="folder of the engine's files (benchmarks/carry_engines.py)")
     p.add_argument("--batch-sizes", default="1,8,64,256,1024,4096")
     p.add_argument("--sample", type=int, default=16, help="grid configs drawn once, timed at every batch size")
-    p.add_argument("--tuned", action="append", default=[], help="a tuned config file (SGLang/vLLM JSON)")
+    p.add_argument("--tuned", action="append", default=[],
+                   help="a tuned config file (SGLang/vLLM JSON, or a benchmarks/e2e_tune.py result)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-only", action="store_true", help="run each call once, untimed (fills Triton's cache)")
