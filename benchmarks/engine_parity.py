@@ -1,26 +1,32 @@
-"""The engine's own fused-MoE kernel beside moe_opt's builtin at the same configs, per batch size (GPU; not yet run).
+"""The engine's own fused-MoE kernel beside moe_opt's builtin at the same configs, per batch size (GPU).
 
     PYTHONPATH=. python benchmarks/engine_parity.py --model Qwen/Qwen3-30B-A3B --tp 1 --engine vllm \\
-        --batch-sizes 1,2,4,16,64,256,1024 --sample 24 --tuned moe_configs/configs/.../E=128,N=768,...json \\
+        --engine-source .engines/vllm --batch-sizes 1,8,64,256,1024,4096 --sample 16 --rounds 3 \\
         --json benchmarks/results/parity_vllm_Qwen3-30B-A3B_tp1_H200.json
 
-For each batch size: the engine's default, every config of a tuned file given with ``--tuned`` (its entry nearest
-M, as the engines pick it) and ``--sample`` configs drawn from the candidate grid (seeded), each timed ``--rounds``
-times, interleaved, with the tuner's CUDA-graph timer (L2 flushed, ``calls_per_graph`` routing draws), once through
-the engine backend (kernel/engines.py: the engine's ``fused_experts`` inside its ``override_config``) and once
-through the builtin launched by the engine's rules (``get_backend("builtin", target=ENGINE)``). Written per batch
-size: both medians of every config, the ratio builtin/engine (median and worst), and the Spearman rank correlation
-of the two orders (what the tuner relies on: the builtin ranks configs as the engine would). A failed config
-(an engine assertion, out of resources) is recorded with its reason, never averaged.
+Two engine paths, recorded in the JSON as ``path``:
 
-What the GPU machine needs besides moe_opt, torch and Triton: the engine itself, at a version of
-kernel/engines.py's *_KNOWN_VERSIONS (SGLang 0.5.23; vLLM 0.33.0). Without network there, carry its wheel:
-``pip download --no-deps sglang==0.5.23`` (or ``vllm==0.33.0``) here and ``pip install --no-deps`` it there, with the
-few packages its import chain of fused_experts needs (sgl-kernel for SGLang's moe_align_block_size and silu_and_mul;
-vLLM's compiled _C ops ship in its wheel, built for one torch release: install the torch it names). Nothing of the
-engine's kernel code path may be replaced, stubbed or monkeypatched (a missing import is installed, never faked):
-the point is to time the engine's own code. The engine runs its own Triton JIT against the same Triton; record
-both versions (the JSON does).
+- ``fused_experts``: the installed engine's whole ``fused_experts`` under its ``override_config``
+  (kernel/engines.py). Taken with ``--path full``, or by ``--path auto`` (the default) when the engine imports.
+- ``engine_kernel``: the engine's own Triton GEMM kernel and launch function (SGLang ``invoke_fused_moe_kernel``;
+  vLLM ``invoke_fused_moe_triton_kernel`` with its tiny-batch and grid-trimming rules) for both GEMMs, loaded from
+  the engine's files in ``--engine-source`` (benchmarks/carry_engines.py builds it from the wheel), inside
+  moe_opt's alignment, activation and sum (kernel/engine_kernels.py). Taken with ``--path kernel``, or by ``auto``
+  when the engine does not import (the import error is recorded). What the loader replaced is recorded too.
+  docs/engines.md says why the full path cannot run without the engine's compiled ops.
+
+For each batch size: the engine's default config, the engine's shipped tuned file's entry nearest M (found as the
+engine finds it, run/lookup.py: in the source folder or the installed engine), the entry nearest M of each
+``--tuned`` file, and ``--sample`` configs drawn once (seeded) from the candidate grid and used at every batch
+size (one compile serves several batch sizes). Each is timed ``--rounds`` times, interleaved, with the tuner's
+CUDA-graph timer, once through the engine and once through the builtin launched by the engine's rules
+(``get_backend("builtin", target=ENGINE)``). Written per batch size: both medians of every config, the ratio
+builtin/engine (median and worst), the Spearman rank correlation of the two orders, and the engine's time of the
+tuned file against its shipped file and its default. A failed config is recorded with its reason, never averaged.
+
+Compiling dominates: the engines' kernels specialize on batch-size-dependent ints, so each config compiles again
+for several batch sizes. ``--warmup-only --shard I/N`` runs every call once without timing (shard I of N of the
+configs), filling Triton's on-disk cache; run N shards in parallel first, then the timed run compiles nothing.
 """
 
 from __future__ import annotations
@@ -58,11 +64,55 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var if var else math.nan
 
 
-def tuned_configs(path: str, M: int):
+def nearest_entry(path: str | Path, M: int):
+    """The entry of a tuned file an engine runs at batch size M: the key nearest M (both engines' rule), as
+    (Config, None), or (None, why) where moe_opt's Config cannot hold it (vLLM ships BLOCK_SIZE_M 8 for fp8)."""
     from moe_opt import Config
 
-    table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isdigit()}
-    return Config.from_dict(table[min(table, key=lambda m: abs(m - M))])
+    data = json.loads(Path(path).read_text())
+    if "per_batch_size" in data:  # a benchmarks/e2e_tune.py result: the tuned config per batch size
+        table = {int(r["M"]): r["config"] for r in data["per_batch_size"]}
+    else:
+        table = {int(k): v for k, v in data.items() if k.isdigit()}
+    entry = table[min(table, key=lambda m: abs(m - M))]
+    try:
+        return Config.from_dict(entry), None
+    except ValueError as e:
+        return None, f"{entry}: {e}"
+
+
+def engine_backend(args):
+    """(backend, path, why_not_full): the installed engine's fused_experts, or its kernel from --engine-source."""
+    from moe_opt.errors import TuneError
+    from moe_opt.kernel.backend import get_backend
+
+    why_not_full = None
+    if args.path in ("full", "auto"):
+        try:
+            return get_backend(args.engine), "fused_experts", None
+        except TuneError as e:
+            if args.path == "full":
+                raise
+            why_not_full = str(e)
+    if not args.engine_source:
+        raise TuneError(f"the {args.engine} engine does not import ({why_not_full}); give --engine-source (a folder "
+                        "benchmarks/carry_engines.py built) to time its kernel inside moe_opt's pipeline")
+    return get_backend(f"{args.engine}-kernel={args.engine_source}"), "engine_kernel", why_not_full
+
+
+def shipped_file(engine, path, spec, device_name):
+    """The tuned file the engine ships for spec on this device (run/lookup.py's search), or None."""
+    import triton
+
+    from moe_opt.run.lookup import engine_files
+
+    if path == "engine_kernel":  # only the source folder: the engine is not installed
+        root = engine.source.configs_dir
+        found = [f for f in engine_files(spec, device_name, engine.target, config_dirs=[root],
+                                         triton_version=triton.__version__) if root in f.path.parents]
+        return (found[0].path, f"shipped in {engine.source.root.name} {engine.version}") if found else None
+    found = engine_files(spec, device_name, engine.target, triton_version=triton.__version__)
+    return (found[0].path, found[0].where) if found else None
 
 
 def main() -> int:
@@ -71,13 +121,20 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default=None)
     p.add_argument("--engine", choices=("sglang", "vllm"), required=True)
-    p.add_argument("--batch-sizes", default="1,2,4,8,16,64,256,1024")
-    p.add_argument("--sample", type=int, default=24, help="grid configs drawn per batch size")
-    p.add_argument("--tuned", action="append", default=[], help="a tuned config file (SGLang/vLLM JSON)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--path", choices=("auto", "full", "kernel"), default="auto")
+    p.add_argument("--engine-source", help="folder of the engine's files (benchmarks/carry_engines.py)")
+    p.add_argument("--batch-sizes", default="1,8,64,256,1024,4096")
+    p.add_argument("--sample", type=int, default=16, help="grid configs drawn once, timed at every batch size")
+    p.add_argument("--tuned", action="append", default=[],
+                   help="a tuned config file (SGLang/vLLM JSON, or a benchmarks/e2e_tune.py result)")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", required=True)
+    p.add_argument("--warmup-only", action="store_true", help="run each call once, untimed (fills Triton's cache)")
+    p.add_argument("--shard", default="0/1", help="I/N: with --warmup-only, the I-th of N shares of the configs")
+    p.add_argument("--json")
     args = p.parse_args()
+    if not args.warmup_only and not args.json:
+        p.error("--json is required unless --warmup-only")
 
     import torch
     import triton
@@ -87,21 +144,53 @@ def main() -> int:
     from moe_opt.model.resolve import resolve_model
 
     spec = resolve_model(args.model, tp_size=args.tp, dtype=args.dtype or "auto")
-    engine = get_backend(args.engine)  # a missing engine stops here, with the package and versions to install
+    engine, path, why_not_full = engine_backend(args)  # a missing engine and no source folder stops here
     builtin = get_backend("builtin", target=args.engine)
     why = engine.unsupported(spec) or builtin.unsupported(spec)
     if why:
         print(f"engine_parity: {why}", file=sys.stderr)
         return 2
+    device_name = torch.cuda.get_device_name()
     timers = {"engine": CudaGraphTimer(spec, backend=engine), "builtin": CudaGraphTimer(spec, backend=builtin)}
     smem = timers["builtin"].info.shared_memory_bytes
     pool = [c for c in builtin.candidates(spec, smem) if builtin.screen(spec, c, smem) is None]
-    rng = random.Random(args.seed)
+    grid = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
+    shipped = shipped_file(engine, path, spec, device_name)
+    batch_sizes = [int(m) for m in args.batch_sizes.split(",")]
+
+    def configs_at(M):
+        configs, skipped = {"default": engine.default_config(spec, M)}, {}
+        named = ([("shipped", shipped[0])] if shipped else []) + [(f"tuned{i}", f) for i, f in enumerate(args.tuned)]
+        for name, file in named:
+            configs[name], why = nearest_entry(file, M)
+            if why:
+                del configs[name]
+                skipped[name] = why
+        configs.update({f"grid{i}": c for i, c in enumerate(grid)})
+        return configs, skipped
+
+    if args.warmup_only:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        t0, runs, failed = time.perf_counter(), 0, 0
+        for M in batch_sizes:
+            distinct = sorted(set(configs_at(M)[0].values()), key=str)
+            for config in distinct[shard::shards]:
+                for side, timer in timers.items():
+                    try:
+                        timer.backend.call(timer.inputs, config, M)
+                        torch.cuda.synchronize()
+                    except Exception as e:  # noqa: BLE001 - a failure is recorded where it is timed
+                        failed += 1
+                        print(f"warmup {side} {config} M={M}: {type(e).__name__}", file=sys.stderr)
+                    runs += 1
+        print(f"warmup {args.engine} {args.model} shard {args.shard}: {runs} calls ({failed} failed) in "
+              f"{time.perf_counter() - t0:.0f} s")
+        return 0
+
+    t0 = time.perf_counter()
     rows = []
-    for M in (int(m) for m in args.batch_sizes.split(",")):
-        configs = {"default": engine.default_config(spec, M)}
-        configs.update({f"tuned{i}": tuned_configs(f, M) for i, f in enumerate(args.tuned)})
-        configs.update({f"grid{i}": c for i, c in enumerate(rng.sample(pool, min(args.sample, len(pool))))})
+    for M in batch_sizes:
+        configs, skipped = configs_at(M)
         times = {(k, side): [] for k in configs for side in timers}
         errors = {}
         for _ in range(args.rounds):
@@ -125,17 +214,30 @@ def main() -> int:
                 ys.append(entry["builtin_us"])
             per_config.append(entry)
         worst = max(ratios, key=lambda r: abs(math.log(r))) if ratios else None
-        rows.append({"M": M, "configs": per_config, "errors": errors,
+        engine_us = {c["name"]: c["engine_us"] for c in per_config}
+        compare = {}
+        for tuned in (n for n in engine_us if n.startswith("tuned")):
+            for base in ("shipped", "default"):
+                if engine_us.get(tuned) and engine_us.get(base):
+                    compare[f"{tuned}_vs_{base}"] = engine_us[tuned] / engine_us[base]
+        if engine_us.get("shipped") and engine_us.get("default"):
+            compare["shipped_vs_default"] = engine_us["shipped"] / engine_us["default"]
+        rows.append({"M": M, "configs": per_config, "errors": errors, "skipped": skipped,
                      "median_ratio": statistics.median(ratios) if ratios else None, "worst_ratio": worst,
-                     "spearman": spearman(xs, ys) if len(xs) > 2 else None})
+                     "spearman": spearman(xs, ys) if len(xs) > 2 else None,
+                     "engine_time_ratios": compare})
         print(f"M={M}: builtin/engine median {rows[-1]['median_ratio']}, worst {worst}, "
-              f"Spearman {rows[-1]['spearman']}", flush=True)
+              f"Spearman {rows[-1]['spearman']}; {compare}", flush=True)
 
     record = {"command": " ".join([Path(sys.executable).name] + sys.argv), "model": args.model, "tp_size": args.tp,
-              "spec": spec.to_dict(), "engine": args.engine, "engine_version": engine.version,
-              "builtin": f"{builtin.name}@{builtin.version}", "device": torch.cuda.get_device_name(),
+              "spec": spec.to_dict(), "engine": args.engine, "engine_version": engine.version, "path": path,
+              "why_not_fused_experts": why_not_full,
+              "engine_source": engine.source.record() if path == "engine_kernel" else None,
+              "shipped_file": f"{shipped[0]} ({shipped[1]})" if shipped else None, "tuned_files": args.tuned,
+              "builtin": f"{builtin.name}@{builtin.version}", "device": device_name,
               "triton": triton.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "rounds": args.rounds, "seed": args.seed, "per_batch_size": rows}
+              "rounds": args.rounds, "seed": args.seed, "sample": args.sample, "wall_s": time.perf_counter() - t0,
+              "per_batch_size": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.json}")

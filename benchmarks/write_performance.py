@@ -5,7 +5,8 @@
 Reads
 - ``benchmarks/results/e2e_*.json``: end-to-end tunes (benchmarks/e2e_tune.py, run on a GPU);
 - ``moe_opt/data/*.csv`` with their ``.csv.json`` sidecars: full-grid tables (benchmarks/record_grid.py, GPU);
-- ``benchmarks/results/samplers_*.json``: sampler comparisons on those tables (benchmarks/compare_samplers.py).
+- ``benchmarks/results/samplers_*.json``: sampler comparisons on those tables (benchmarks/compare_samplers.py);
+- ``benchmarks/results/parity_*.json``: an engine's kernel beside the builtin (benchmarks/engine_parity.py, GPU).
 Every number in the page comes from these files; the prose around them is fixed here.
 """
 
@@ -20,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_opt.measure.replay import ReplayTable  # noqa: E402
-from moe_opt.space import PARAM_NAMES, Config  # noqa: E402
+from moe_opt.measure.replay import ReplayTable
+from moe_opt.space import PARAM_NAMES, Config
 
 GOAL_2_S = 180.0
 GOAL_1_P = 0.95
@@ -76,9 +77,9 @@ def e2e_section(run: dict, tables: dict) -> list[str]:
     grid = next(((name, tbl) for name, (tbl, meta) in tables.items()
                  if meta.get("device") == device and meta.get("spec", {}).get("model") == run["model"]), None)
     lines = [f"### {device}: `moe-opt tune --model {run['model']} --tp {run['tp_size']}`", "",
-             f"Recorded {run['date']} by `{run['command']}`; {run['cpu_affinity']} CPU cores usable "
+             (f"Recorded {run['date']} by `{run['command']}`; {run['cpu_affinity']} CPU cores usable "
              f"(of {run['cpu_cores']} on the host), Triton {run['triton']}, torch {run['torch']}, Python "
-             f"{run['python']}; empty `TRITON_CACHE_DIR`, new SQLite study file, all 18 batch sizes x 48 trials.", "",
+             f"{run['python']}; empty `TRITON_CACHE_DIR`, new SQLite study file, all 18 batch sizes x 48 trials."), "",
              f"**{run['wall_s']:.1f} s** from the script's start to the written config files (imports included); "
              f"the tune itself reported {run['tune_wall_s']:.1f} s: start-up {t['start_s']:.1f} s (studies, warm "
              f"start, the measuring process and compile workers starting), trials {t['search_s']:.1f} s "
@@ -123,10 +124,10 @@ def e2e_section(run: dict, tables: dict) -> list[str]:
                  "(bytes read plus written); GB/s counts the weights of the experts the routing touched, x and the "
                  "output." if copy else "")]
     if grid:
-        lines += ["", f"The grid optimum column is from `moe_opt/data/{grid[0]}.csv`, recorded on another "
+        lines += ["", (f"The grid optimum column is from `moe_opt/data/{grid[0]}.csv`, recorded on another "
                   "GPU of the same kind; the optimum there is the least of over a thousand single measurements "
                   "(biased low, as a tune's best was before re-measuring), so ratios within 1–2% are within the "
-                  "noise between two machines and two measuring schemes."]
+                  "noise between two machines and two measuring schemes.")]
     return lines + [""]
 
 
@@ -164,11 +165,11 @@ def grids_section(tables: dict) -> list[str]:
 
 def samplers_section(runs: dict[str, dict]) -> list[str]:
     lines = []
-    for name, data in runs.items():
-        lines += [f"### On `{Path(data['table']).name}` ({len(data['batch_sizes'])} batch sizes: "
-                  f"{', '.join(map(str, data['batch_sizes']))}; {data['seeds']} seeds)", "",
-                  "| sampler | trials per M | median ratio to optimum | worst ratio | P(within 1%), worst M | "
-                  "P(within 1%), mean over M |", "| --- | --- | --- | --- | --- | --- |"]
+    for data in runs.values():
+        lines += [(f"### On `{Path(data['table']).name}` ({len(data['batch_sizes'])} batch sizes: "
+                  f"{', '.join(map(str, data['batch_sizes']))}; {data['seeds']} seeds)"), "",
+                  ("| sampler | trials per M | median ratio to optimum | worst ratio | P(within 1%), worst M | "
+                  "P(within 1%), mean over M |"), "| --- | --- | --- | --- | --- | --- |"]
         for r in data["rows"]:
             bold = "**" if r["sampler"].startswith("moe_opt (default)") else ""
             lines.append(f"| {bold}{r['sampler']}{bold} | {r['trials']} | {r['median_ratio']:.4f} | "
@@ -197,13 +198,13 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
     g3_text = "; ".join(f"{label}: {min_speedup(run):.3f}x–{max_speedup(run):.3f}x, geometric mean "
                         f"{run['geomean_speedup']:.3f}x" for label, run in e2e.items())
     return ["| goal | status | evidence |", "| --- | --- | --- |",
-            f"| 1. within 1% of the grid optimum at every batch size in ≥ 95% of seeds, ≤ 48 trials | "
+            (f"| 1. within 1% of the grid optimum at every batch size in ≥ 95% of seeds, ≤ 48 trials | "
             f"**{'met' if g1_met else 'not met'}** | P(within 1%) with 48 trials: {g1_text}; checked on every CI run "
-            "by `tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds` |",
-            f"| 2. all 18 batch sizes in ≤ 3 min on one H100, cold Triton cache, studies and exports included | "
-            f"**{'met' if g2 and g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |",
-            f"| 3. never slower than SGLang's default; geometric-mean speedup reported | "
-            f"**{'met' if g3_met else 'not met'}** | {g3_text} |", ""]
+            "by `tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds` |"),
+            (f"| 2. all 18 batch sizes in ≤ 3 min on one H100, cold Triton cache, studies and exports included | "
+            f"**{'met' if g2 and g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |"),
+            (f"| 3. never slower than SGLang's default; geometric-mean speedup reported | "
+            f"**{'met' if g3_met else 'not met'}** | {g3_text} |"), ""]
 
 
 def main() -> int:
@@ -220,43 +221,47 @@ def main() -> int:
     samplers = {f.stem: json.loads(f.read_text()) for f in sorted(results.glob("samplers_*.json"))}
     tables = load_tables()
     lines = ["# Performance", "",
-             "<!-- Written by benchmarks/write_performance.py from benchmarks/results/*.json and moe_opt/data/*.csv; "
-             "edit the script, not this page. -->", "",
-             "What moe_opt achieves against the goals of tuning DeepSeek-V4-Flash, with the numbers measured on this "
+             ("<!-- Written by benchmarks/write_performance.py from benchmarks/results/*.json and moe_opt/data/*.csv; "
+             "edit the script, not this page. -->"), "",
+             ("What moe_opt achieves against the goals of tuning DeepSeek-V4-Flash, with the numbers measured on this "
              "project's lent GPUs. Timings are medians of CUDA-graph replays (tuning.md); compare ratios within one "
-             "run and one card, not absolute microseconds across machines.", "",
+             "run and one card, not absolute microseconds across machines."), "",
              "## Goals", ""] + goal_rows(e2e, samplers)
     lines += ["## End to end (goals 2 and 3)", ""]
     shown: set[str] = set()
     for run in e2e.values():
         if run["device"] in shown:  # a repeat on the same card: one line
-            lines += [f"Repeat on the {run['device']}: **{run['wall_s']:.1f} s** from the script's start (tune "
+            lines += [(f"Repeat on the {run['device']}: **{run['wall_s']:.1f} s** from the script's start (tune "
                       f"{run['tune_wall_s']:.1f} s), speedup {min_speedup(run):.3f}x–{max_speedup(run):.3f}x, "
-                      f"geometric mean {run['geomean_speedup']:.3f}x. {run.get('note', '')}", ""]
+                      f"geometric mean {run['geomean_speedup']:.3f}x. {run.get('note', '')}"), ""]
             continue
         shown.add(run["device"])
         lines += e2e_section(run, tables)
     lines += ["## The recorded grids", "",
-              "Every config of SGLang's space (`space.grid()`: BLOCK_SIZE_K limited to divisors of block_k under "
+              ("Every config of SGLang's space (`space.grid()`: BLOCK_SIZE_K limited to divisors of block_k under "
               "block quantization) compiled, then timed at each batch size listed with the tuner's timer. Configs are "
               "written BLOCK_SIZE_M/N/K/GROUP_SIZE_M/num_warps/num_stages. The landscapes are sharp: a handful "
-              "of configs lie within 1% of the optimum.", ""] + grids_section(tables)
+              "of configs lie within 1% of the optimum."), ""] + grids_section(tables)
     lines += ["## Samplers on the recorded grids (goal 1)", "",
-              "`benchmarks/compare_samplers.py` (replay mode, CPU): per sampler and seed one tune of all the "
+              ("`benchmarks/compare_samplers.py` (replay mode, CPU): per sampler and seed one tune of all the "
               "table's batch sizes together with 128 trials each; the best after the first n trials is compared "
               "with the grid optimum. Trials are counted as every configuration looked up, failures included. "
-              "\"P(within 1%)\" is over seeds.", ""] + samplers_section(samplers)
+              "\"P(within 1%)\" is over seeds."), ""] + samplers_section(samplers)
     lines += pairs_section([json.loads(f.read_text()) for f in sorted(results.glob("pair_*.json"))])
     lines += formats_section([json.loads(f.read_text()) for f in sorted((results / "formats").glob("e2e_*.json"))])
     lines += routing_section([json.loads(f.read_text()) for f in sorted(results.glob("routing_*.json"))])
     lines += sweep_section([json.loads(f.read_text()) for f in sorted(results.glob("sweep_*.json"))])
+    parity = [json.loads(f.read_text()) for f in sorted(results.glob("parity_*.json"))]
+    lines += parity_section(parity)
     lines += where_time_goes(e2e)
-    lines += ["## Not measured", "",
-              "- SGLang's own kernel beside moe_opt's at the same configs: SGLang is not installed on the lent GPU "
-              "machines, which reach no package index. The exported files are in SGLang's format and name; the "
-              "speedups above are of moe_opt's kernel (same algorithm and tunables, docs/kernel.md).",
-              "- Full grids on an H100 at six batch sizes: only M = 1 and 16 of DeepSeek-V4-Flash were recorded on "
-              "one (see the tables' notes); the end-to-end runs are on the H100.",
+    lines += ["## Not measured", ""]
+    if not parity:
+        lines += [("- SGLang's own kernel beside moe_opt's at the same configs: no `benchmarks/engine_parity.py` "
+                  "result is recorded yet. The exported files are in SGLang's format and name; the speedups above "
+                  "are of moe_opt's kernel (same algorithm and tunables, docs/kernel.md).")]
+    lines += [
+              ("- Full grids on an H100 at six batch sizes: only M = 1 and 16 of DeepSeek-V4-Flash were recorded on "
+              "one (see the tables' notes); the end-to-end runs are on the H100."),
               "- `--workers N` on a multi-GPU host (tested on the CPU with four processes and PostgreSQL).", ""]
     text = "\n".join(lines).rstrip() + "\n"
     out = Path(args.out)
@@ -272,23 +277,69 @@ def pairs_section(runs: list[dict]) -> list[str]:
     if not runs:
         return []
     lines = ["## A config per GEMM (SGLang's `_down` file)", "",
-             "`benchmarks/compare_pair.py` after two `benchmarks/e2e_tune.py` runs of the same model on the same card, "
+             ("`benchmarks/compare_pair.py` after two `benchmarks/e2e_tune.py` runs of the same model on the same card, "
              "one with `--down-config off` (one config for both GEMMs) and one with the default (a config per GEMM, "
              "sharing BLOCK_SIZE_M): per batch size, SGLang's default, the single tune's config and the pair tune's "
              "(up, down) pair are timed with the tuner's CUDA-graph timer, interleaved, and the medians compared. "
-             "No TMA (not implemented yet).", ""]
+             "No TMA (not implemented yet)."), ""]
     for run in runs:
         lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}", "",
-                  f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}, "
+                  (f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}, "
                   f"{run['rounds']} interleaved rounds. Wall time of the tunes (cold Triton cache each): single "
-                  f"{run['single_wall_s']:.1f} s, pair {run['pair_wall_s']:.1f} s.", "",
+                  f"{run['single_wall_s']:.1f} s, pair {run['pair_wall_s']:.1f} s."), "",
                   "| M | SGLang default µs | single config µs | pair µs | pair / single | pair / default | pair |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in run["per_batch_size"]:
             lines.append(f"| {r['M']} | {r['default_us']:.1f} | {r['single_us']:.1f} | {r['pair_us']:.1f} | "
                          f"{r['pair_vs_single']:.3f} | {r['pair_vs_default']:.3f} | `{r['pair']}` |")
-        lines += ["", f"Geometric mean over the batch sizes: pair vs single config **{run['geomean_pair_vs_single']:.3f}x**, "
-                      f"pair vs SGLang's default {run['geomean_pair_vs_default']:.3f}x.", ""]
+        lines += ["", (f"Geometric mean over the batch sizes: pair vs single config **{run['geomean_pair_vs_single']:.3f}x**, "
+                      f"pair vs SGLang's default {run['geomean_pair_vs_default']:.3f}x."), ""]
+    return lines
+
+
+def _num(value, fmt: str = ".3f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+PATHS = {"fused_experts": "the engine's full `fused_experts`",
+         "engine_kernel": "the engine's own Triton GEMM kernel and launch function for both GEMMs, inside moe_opt's "
+                          "alignment, activation and sum (docs/engines.md)"}
+
+
+def parity_section(runs: list[dict]) -> list[str]:
+    """The engine's kernel beside the builtin at the same configs, and tuned vs shipped vs default, per batch size."""
+    if not runs:
+        return []
+    lines = ["## The engines' kernels beside moe_opt's", "",
+             ("`benchmarks/engine_parity.py`: per batch size the engine's default config, its shipped file's entry, "
+             "the tuned file's entry and configs sampled from the grid, each timed through the engine and through "
+             "moe_opt's builtin launched by the engine's rules, interleaved, with the tuner's CUDA-graph timer. "
+             "builtin/engine < 1: the builtin is faster. Spearman: how alike the two rank the configs (what tuning "
+             "on the builtin relies on). The last columns are the engine's own times: tuned / shipped and "
+             "tuned / default (< 1: the tuned file is faster)."), ""]
+    for run in sorted(runs, key=lambda r: (r["engine"], r["model"])):
+        src = run.get("engine_source") or {}
+        replaced = ", ".join(f"`{m}`" for m in src.get("replaced_imports", {}))
+        lines += [f"### {run['engine']} {run['engine_version']} on {run['device']}: {run['model']} TP{run['tp_size']}",
+                  "", (f"What ran as the engine: {PATHS.get(run['path'], run['path'])}. Recorded {run['date']} by "
+                  f"`{run['command']}`; Triton {run['triton']}, torch {run['torch']}, {run['rounds']} rounds, "
+                  f"{run.get('sample', '?')} sampled configs; shipped file: {run.get('shipped_file') or 'none'}.")]
+        if replaced:
+            lines += ["", f"Imports of the engine's kernel files that were replaced (the kernel code was not): {replaced}."]
+        lines += ["", ("| M | configs | builtin/engine median | worst | Spearman | tuned / shipped | tuned / default "
+                      "| shipped / default |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in run["per_batch_size"]:
+            t = r.get("engine_time_ratios", {})
+            timed = sum(c.get("ratio") is not None for c in r["configs"])
+            lines.append(f"| {r['M']} | {timed} | {_num(r['median_ratio'])} | {_num(r['worst_ratio'])} | "
+                         f"{_num(r['spearman'], '.2f')} | {_num(t.get('tuned0_vs_shipped'))} | "
+                         f"{_num(t.get('tuned0_vs_default'))} | {_num(t.get('shipped_vs_default'))} |")
+        skipped = {k: v for r in run["per_batch_size"] for k, v in r.get("skipped", {}).items()}
+        failed = sum(len(r["errors"]) for r in run["per_batch_size"])
+        notes = [f"{failed} config/side failures recorded"] if failed else []
+        notes += [f"{k} entries skipped where moe_opt's Config cannot hold them ({v.split(': ', 1)[-1]})"
+                  for k, v in skipped.items()]
+        lines += [""] + ([f"Notes: {'; '.join(notes)}.", ""] if notes else [])
     return lines
 
 
@@ -297,18 +348,18 @@ def formats_section(runs: list[dict]) -> list[str]:
     if not runs:
         return []
     lines = ["## Weight formats: int8_w8a16 and int4_w4a16", "",
-             "`benchmarks/e2e_tune.py --dtype FORMAT --down-config off` (one config for both GEMMs, to fit the "
+             ("`benchmarks/e2e_tune.py --dtype FORMAT --down-config off` (one config for both GEMMs, to fit the "
              "session's GPU time), all 18 batch sizes x 48 trials from a cold Triton cache; speedups over SGLang's "
-             "default config for the format, both re-measured in the same pass.", ""]
+             "default config for the format, both re-measured in the same pass."), ""]
     for run in runs:
         spec = run["spec"]
         group = f", group {spec['block_shape'][1]}" if spec.get("block_shape") and not spec["block_shape"][0] else ""
         rows = run["per_batch_size"]
         speed = [r["default_us"] / r["us"] for r in rows if r.get("default_us")]
         lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}, {spec['dtype']}{group}", "",
-                  f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}; "
+                  (f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}; "
                   f"E={spec['E']}, N={spec['N']}, K={spec['K']}, topk={spec['topk']}. **{run['wall_s']:.1f} s** from "
-                  f"the script's start.", "",
+                  f"the script's start."), "",
                   "| M | tuned config | µs | SGLang default µs | speedup |", "| --- | --- | --- | --- | --- |"]
         for r in rows:
             d = r.get("default_us")
@@ -380,21 +431,21 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
     t = run["timings"]
     bookkeeping = t["search_s"] - t["measuring_s"] - t["compile_wait_s"]
     return ["## Where the time goes", "",
-            "Compiling a config (both GEMMs) costs about a second of one core and timing it 10–100 ms of GPU, so "
+            ("Compiling a config (both GEMMs) costs about a second of one core and timing it 10–100 ms of GPU, so "
             "the tune keeps three kinds of work running at once (loop.py): a pool of compile processes (one per "
             "core but two) compiles every batch size's claimed config and the search's likely next ones; the "
             "isolated measuring process times one config while the next waits queued behind it; and the tuning "
             "process tells Optuna the last result and claims the next trial meanwhile. Every batch size holds one "
             "claimed trial, so a config still compiling holds up only its own batch size. The GEMM kernel does "
             "not specialize on batch-size-dependent arguments, so one binary serves all 18 batch sizes "
-            f"({t.get('compiled', 0):.0f} compiles for {t['measured']:.0f} measurements in the {run['device']} run).",
+            f"({t.get('compiled', 0):.0f} compiles for {t['measured']:.0f} measurements in the {run['device']} run)."),
             "",
-            f"In that run the loop waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for "
+            (f"In that run the loop waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for "
             f"compiles (every claimed config still compiling); the other {bookkeeping:.1f} s of its "
             f"{t['search_s']:.1f} s were the tuning process's own work — SQLAlchemy writes of each trial to SQLite "
             "(WAL mode, `synchronous=NORMAL`), the claim protocol that lets several processes share the studies, "
             "and the search's surrogate — while the GPU measured whatever was queued. That bookkeeping (~60 ms a "
-            "trial) is now the largest share: the next thing to make cheaper if the budget tightens.", ""]
+            "trial) is now the largest share: the next thing to make cheaper if the budget tightens."), ""]
 
 
 if __name__ == "__main__":

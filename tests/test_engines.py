@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from test_kernel import TOLERANCE  # the kernel tests' bounds, where their derivation is written
 
 from moe_opt import ConfigError, TuneError, fused_moe
 from moe_opt.kernel import fused_moe_reference, quantize_weight_fp8
@@ -25,7 +27,6 @@ from moe_opt.kernel.engines import SGLANG_KNOWN_VERSIONS, VLLM_KNOWN_VERSIONS
 from moe_opt.model.spec import ModelSpec
 from moe_opt.space import Config, default_config, vllm_default_config
 from moe_opt.store.identity import StudyIdentity
-from test_kernel import TOLERANCE  # the kernel tests' bounds, where their derivation is written
 
 E, N, K = 64, 128, 256  # E large enough that M * topk * 4 <= E holds up to topk 8
 SMALL = Config(16, 32, 64, 1, 4, 2)
@@ -245,9 +246,183 @@ def test_vllm_launch_of_group_quantized_int4_stays_aligned_and_matches_the_refer
 
     M, topk = 1, 2  # 1 * 2 * 4 <= 64, but group scales keep the alignment
     x = torch.randn(M, K, dtype=torch.bfloat16)
-    w1, s1, z1 = quantize_weights(torch.randn(E, 2 * N, K) / K ** 0.5, "int4_w4a16", group_size=128)
-    w2, s2, z2 = quantize_weights(torch.randn(E, K, N) / N ** 0.5, "int4_w4a16", group_size=128)
+    w1, s1, _z1 = quantize_weights(torch.randn(E, 2 * N, K) / K ** 0.5, "int4_w4a16", group_size=128)
+    w2, s2, _z2 = quantize_weights(torch.randn(E, K, N) / N ** 0.5, "int4_w4a16", group_size=128)
     topk_weights, topk_ids = torch.rand(M, E).softmax(-1).topk(topk)
-    kwargs = dict(quant_dtype="int4_w4a16", block_shape=[0, 128], w1_scale=s1, w2_scale=s2)
+    kwargs = {"quant_dtype": "int4_w4a16", "block_shape": [0, 128], "w1_scale": s1, "w2_scale": s2}
     inputs = (x, w1, w2, topk_weights, topk_ids.to(torch.int32))
     assert relative_error(inputs, kwargs, Config(16, 32, 64, 1, 4, 2), "vllm") < TOLERANCE["bf16"]
+
+
+# --- The engine-kernel mode: an engine's own files loaded from a folder (kernel/engine_source.py) -------------------
+# No engine code is checked in: the loader is tested on a toy engine written here; the real SGLang/vLLM folders
+# (benchmarks/carry_engines.py builds .engines/ from their wheels) are tested where present.
+
+TOY_KERNEL = '''
+import triton
+import triton.language as tl
+
+from toyeng.utils import is_cuda, register_op
+from toyeng.ops import never_called
+
+_IS_CUDA = is_cuda()
+register_op("toy")
+
+
+@triton.jit
+def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2, mask=mask)
+
+
+def launch(x, y):
+    _double_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+
+
+def default(M):
+    return {"is_cuda": _IS_CUDA, "M": M}
+'''
+
+
+def toy_layout(**changes):
+    from dataclasses import replace
+
+    from moe_opt.kernel.engine_source import EngineLayout, Replacement, not_carried
+
+    layout = EngineLayout(
+        engine="toyeng", files=("toyeng.kernels.toy",),
+        replaced=(Replacement("toyeng.utils", {"is_cuda": lambda: True, "register_op": lambda name: None},
+                              "probe, registration"),
+                  Replacement("toyeng.ops", {"never_called": not_carried("never_called")}, "not used")),
+        launch="toyeng.kernels.toy:launch", default_config="toyeng.kernels.toy:default", configs_dir="toyeng/configs")
+    return replace(layout, **changes)
+
+
+def toy_source(tmp_path, kernel=TOY_KERNEL, version="1.2.3"):
+    root = tmp_path / "src"
+    (root / "toyeng/kernels").mkdir(parents=True)
+    # Package __init__ files that must never run (an engine's import the serving stack).
+    (root / "toyeng/__init__.py").write_text("raise RuntimeError('toyeng/__init__.py ran')\n")
+    (root / "toyeng/kernels/__init__.py").write_text("raise RuntimeError('toyeng/kernels/__init__.py ran')\n")
+    (root / "toyeng/kernels/toy.py").write_text(kernel)
+    if version:
+        (root / f"toyeng-{version}.dist-info").mkdir()
+    return root
+
+
+@pytest.fixture
+def clean_toy():
+    yield
+    for m in [m for m in sys.modules if m == "toyeng" or m.startswith("toyeng.")]:
+        del sys.modules[m]
+
+
+def test_engine_source_loads_the_real_file_with_declared_replacements_and_runs_its_triton_kernel(tmp_path, clean_toy):
+    from moe_opt.kernel.engine_source import load_source
+
+    root = toy_source(tmp_path)
+    src = load_source(toy_layout(), root)
+    assert src.version == "1.2.3" and src.loaded == ["toyeng/kernels/toy.py"]
+    assert src.launch.__module__ == "toyeng.kernels.toy" and src.default_config(4) == {"is_cuda": True, "M": 4}
+    assert sys.modules["toyeng.kernels.toy"].__file__ == str(root / "toyeng/kernels/toy.py")
+    x = torch.arange(5, dtype=torch.float32)
+    y = torch.full_like(x, float("nan"))
+    src.launch(x, y)  # Triton compiles (here: interprets) the loaded file's own kernel
+    assert y.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    record = src.record()
+    assert record["packages_not_initialized"] == ["toyeng", "toyeng.kernels"]
+    assert record["replaced_imports"]["toyeng.utils"] == {"names": ["is_cuda", "register_op"],
+                                                          "why": "probe, registration"}
+    with pytest.raises(RuntimeError, match="never_called is not carried"):
+        sys.modules["toyeng.ops"].never_called()
+
+
+def test_engine_source_refuses_an_import_it_does_not_declare_and_leaves_nothing_behind(tmp_path, clean_toy):
+    from moe_opt.kernel.engine_source import load_source
+
+    kernel = TOY_KERNEL.replace("from toyeng.ops import never_called", "from toyeng.serving import scheduler")
+    with pytest.raises(ImportError, match="toyeng.serving is imported by the toyeng kernel files but neither "
+                                          "carried nor replaced"):
+        load_source(toy_layout(), toy_source(tmp_path, kernel))
+    assert not [m for m in sys.modules if m.startswith("toyeng")]
+
+
+def test_a_replaced_module_gives_only_the_names_declared(tmp_path, clean_toy):
+    from moe_opt.kernel.engine_source import load_source
+
+    kernel = TOY_KERNEL.replace("import is_cuda, register_op", "import is_cuda, register_op, is_rocm")
+    with pytest.raises(ImportError, match="cannot import name 'is_rocm' from 'toyeng.utils'"):
+        load_source(toy_layout(), toy_source(tmp_path, kernel))
+
+
+def test_engine_source_errors_name_what_is_missing(tmp_path, clean_toy):
+    from moe_opt.kernel.engine_source import load_source
+
+    with pytest.raises(ImportError, match="has no toyeng/ folder"):
+        load_source(toy_layout(), tmp_path)
+    with pytest.raises(ImportError, match="exactly one toyeng-<version>.dist-info"):
+        load_source(toy_layout(), toy_source(tmp_path, version=None))
+    layout = toy_layout(files=("toyeng.kernels.toy", "toyeng.kernels.gone"),
+                        launch="toyeng.kernels.gone:launch")
+    with pytest.raises(ImportError, match=r"gone.py is missing .*carry_engines.py"):
+        load_source(layout, toy_source(tmp_path / "again"))
+
+
+def test_placeholders_raise_when_called_and_still_work_in_annotations():
+    from moe_opt.kernel.engine_source import not_carried
+
+    cls = not_carried("FusedMoEQuantConfig")
+    assert (cls | None) is not None and cls.SILU.value is not None  # vLLM's signatures evaluate both at import
+    with pytest.raises(RuntimeError, match=r"FusedMoEQuantConfig.SILU is not carried"):
+        cls.SILU()
+
+
+def test_engine_kernel_refs_that_cannot_load_are_one_line_tune_errors(tmp_path):
+    with pytest.raises(TuneError, match=r"kernel 'sglang-kernel=.*': .* has no sglang/ folder"):
+        get_backend(f"sglang-kernel={tmp_path}")
+    with pytest.raises(TuneError, match="unknown kernel 'trt-kernel=x'; an engine's kernel files are named"):
+        get_backend("trt-kernel=x")
+
+
+def test_fused_moe_launches_its_gemms_through_invoke():
+    """The seam the engine kernels use: the same call through a recording invoke gives the same output."""
+    from moe_opt.kernel.gemm import invoke_fused_moe_kernel
+
+    calls = []
+
+    def invoke(*args, **kwargs):
+        calls.append(kwargs["mul_routed_weight"])
+        invoke_fused_moe_kernel(*args, **kwargs)
+
+    inputs, kwargs = make_case("fp16", 3, 2)
+    want = fused_moe(*inputs, SMALL, launch="vllm", **kwargs)
+    got = fused_moe(*inputs, SMALL, launch="vllm", invoke=invoke, **kwargs)
+    assert calls == [False, True] and torch.equal(want, got)
+
+
+ENGINE_SOURCES = Path(__file__).resolve().parent.parent / ".engines"
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+@pytest.mark.parametrize("dtype_path,M,topk", [("fp16", 5, 2), ("fp16", 1, 4), ("fp8_block", 40, 4)])
+def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_reference(engine, dtype_path, M, topk):
+    """With .engines/ built from the real wheels: SGLang's invoke_fused_moe_kernel and vLLM's
+    invoke_fused_moe_triton_kernel (its tiny-batch path at M=1: 1 * 4 * 4 <= 64) on the interpreter."""
+    from moe_opt.kernel.engine_kernels import EngineKernelBackend, sglang_invoke, vllm_invoke
+
+    if not (ENGINE_SOURCES / engine).is_dir():
+        pytest.skip(f"no {ENGINE_SOURCES / engine} (benchmarks/carry_engines.py builds it from the wheel)")
+    backend = get_backend(f"{engine}-kernel={ENGINE_SOURCES / engine}")
+    assert isinstance(backend, EngineKernelBackend) and backend.name == f"{engine}-kernel"
+    assert backend_key(backend).startswith(f"{engine}-kernel@") and backend.target == engine
+    inputs, kwargs = make_case(dtype_path, M, topk)
+    x, _, _, topk_weights, topk_ids = inputs
+    launch = backend.source.launch
+    invoke = sglang_invoke(launch, topk_weights, topk_ids) if engine == "sglang" else vllm_invoke(launch, topk_weights)
+    out = torch.full((M, K), float("nan"), dtype=x.dtype)
+    fused_moe(*inputs, MID, out=out, launch=engine, invoke=invoke, **kwargs)
+    ref = fused_moe_reference(*inputs, **kwargs)
+    assert not out.isnan().any()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"

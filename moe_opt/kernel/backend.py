@@ -11,7 +11,8 @@ outside kernel/ changes.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from .. import space
 from ..model.spec import ModelSpec
@@ -186,7 +187,8 @@ BACKENDS: dict[str, Any] = {"builtin": BuiltinBackend, "sglang": None, "vllm": N
 def get_backend(backend: str | KernelBackend = "builtin", target: str | None = None) -> KernelBackend:
     """A backend by name (or the backend object given): "builtin" (its target engine ``target``, default SGLang;
     also written "builtin:vllm"), or an engine's own kernel, "sglang" or "vllm" (kernel/engines.py; the engine is
-    imported here, and a missing one is a TuneError).
+    imported here, and a missing one is a TuneError), or an engine's GEMM kernel loaded from a folder of its
+    files, "sglang-kernel=<folder>" or "vllm-kernel=<folder>" (kernel/engine_kernels.py).
 
     Example:
         >>> get_backend("builtin").name, get_backend("builtin", target="vllm").target
@@ -196,6 +198,13 @@ def get_backend(backend: str | KernelBackend = "builtin", target: str | None = N
 
     if not isinstance(backend, str):
         return backend
+    if "=" in backend:  # an engine's kernel files from a folder: "sglang-kernel=<folder>" (kernel/engine_kernels.py)
+        from .engine_kernels import engine_kernel_backend
+
+        built = engine_kernel_backend(backend)
+        if target is not None and target != built.target:
+            raise TuneError(f"kernel {backend!r} follows {built.target}'s launch rules; got target {target!r}")
+        return built
     name, _, ref_target = backend.partition(":")
     if name not in BACKENDS:
         engines = ", ".join(n for n in BACKENDS if n != "builtin")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -189,7 +190,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
               w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
               w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, config_down: Config | Mapping[str, int] | None = None,
-              out: torch.Tensor | None = None, up_only: bool = False, launch: str = "sglang") -> torch.Tensor:
+              out: torch.Tensor | None = None, up_only: bool = False, launch: str = "sglang",
+              invoke: Callable[..., None] | None = None) -> torch.Tensor:
     """Fused Mixture-of-Experts layer: ``sum_k w_k * (act(x @ w1[e_k].T) @ w2[e_k].T)`` for each token.
 
     Args:
@@ -228,6 +230,9 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
             sorted_token_ids) or "vllm" (vLLM's fused_experts_impl: below M * topk * 4 <= E each (token, expert)
             pair gets a block of its own without alignment; the grid trimmed to M * topk * BLOCK_SIZE_M rows where
             a GEMM's input has fewer than BLOCK_SIZE_M rows). Same result either way; what differs is the work.
+        invoke: the GEMM launch, with gemm.invoke_fused_moe_kernel's signature (the default); an engine's own
+            kernel launched through it (kernel/engine_kernels.py) runs inside this pipeline. Not for
+            group-quantized weights.
 
     Returns:
         (M, K) tensor in x's dtype (with ``up_only``: GEMM2's (M*topk, N) input).
@@ -275,6 +280,11 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     # is that length), so GEMM2's A rows of a block are contiguous and GEMM2 loads A and B by TMA.
     c_sorted = config_down.USE_TMA
     h_rows = aligned.sorted_token_ids.shape[0] if c_sorted else M * topk
+    if invoke is not None and quant == QUANT_WNA16:
+        raise ConfigError("invoke= launches gemm.py's kernel family; group-quantized weights use gemm_wna16.py's")
+    if invoke is not None and (config.USE_TMA or config_down.USE_TMA):
+        raise ConfigError("invoke= launches an engine's own GEMM without moe_opt's TMA paths; give configs with "
+                          "USE_TMA false")
 
     def gemm(a, w, c, a_scale, w_scale, w_zp, routed_weights, top_k, cfg, em, a_tma=False, b_tma=False,
              sorted_out=False):
@@ -284,10 +294,15 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
                                           int4=scheme.quant_dtype == "int4_w4a16",
                                           mul_routed_weight=routed_weights is not None, em=em)
         else:
-            invoke_fused_moe_kernel(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg,
-                                    compute_type=dtype, quant=quant, block_shape=block_shape,
-                                    mul_routed_weight=routed_weights is not None, em=em, naive=naive,
-                                    a_tma=a_tma, b_tma=b_tma, c_sorted=sorted_out)
+            if invoke is not None:
+                invoke(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg, compute_type=dtype,
+                       quant=quant, block_shape=block_shape, mul_routed_weight=routed_weights is not None, em=em,
+                       naive=naive)
+            else:
+                invoke_fused_moe_kernel(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg,
+                                        compute_type=dtype, quant=quant, block_shape=block_shape,
+                                        mul_routed_weight=routed_weights is not None, em=em, naive=naive,
+                                        a_tma=a_tma, b_tma=b_tma, c_sorted=sorted_out)
 
     # GEMM1: (M, K) x (E, 2N, K) -> (M*topk, 2N)
     if quant == QUANT_BLOCK:
