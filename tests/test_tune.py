@@ -160,6 +160,23 @@ def test_warm_start_measures_sglang_default_and_existing_tuned_file_first(tmp_pa
     assert r.default_latency_us[64] == pytest.approx(table.configs(64)[configs[0]])
 
 
+def test_a_replay_does_not_warm_start_from_what_an_earlier_replay_of_the_table_exported(tmp_path):
+    """The output folder of a replay holds the table's own answers once a replay has exported there: a second
+    replay that read them would measure the search with the answers given (rule of the search-quality goal)."""
+    from moe_opt.export.engines import write_sglang
+
+    table = ReplayTable(repo_path(DSV4_TABLE))
+    spec = moe_opt.ModelSpec.from_dict(table.metadata()["spec"])
+    optimum = table.best(64)[0]
+    write_sglang(spec, {64: optimum}, tmp_path / "out", device_name="NVIDIA H200", triton_version="3.6.0")
+    r = moe_opt.tune(replay=repo_path(DSV4_TABLE), batch_sizes=[64], n_trials=2, storage="sqlite:///w.db",
+                     output_dir=tmp_path / "out", progress=False)
+    first = r.trials_dataframe().sort_values("number").head(2)
+    configs = [Config(*(int(row[f"params_{p}"]) for p in space.PARAM_NAMES)) for _, row in first.iterrows()]
+    assert configs[0] == space.default_config(64, 256, "fp8_w8a8", [128, 128])
+    assert optimum not in configs
+
+
 class LoggedReplay(ReplayTable):
     """The recorded table, writing when it measured which config at which batch size (it runs in the isolated
     measuring process, so it tells the test through a file)."""
