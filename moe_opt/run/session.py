@@ -39,7 +39,7 @@ from .arguments import check_batch_sizes
 from .result import TuneResult
 from .scheduler import LoopTimes
 
-DEFAULT_N_TRIALS = 48
+DEFAULT_N_TRIALS = 32
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
 INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there

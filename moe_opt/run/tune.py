@@ -40,7 +40,7 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         batch_sizes: default SGLang's 18 (1 ... 4096); on the CPU interpreter (1, 8, 32); in replay mode the
             table's batch sizes.
         n_trials: configurations measured per batch size, failures included, counted across resumed runs and
-            shared by all workers (default 48; 4 on the interpreter; the whole grid with sampler="grid").
+            shared by all workers (default 32; 4 on the interpreter; the whole grid with sampler="grid").
         timeout_s: stop after this many seconds (> 0), keeping everything.
         storage: Optuna storage URL, .db/.journal path or storage object; default ``sqlite:///studies/<model>.db``
             (a replay: ``studies/replay_<table>.db``), or ``journal:studies/<model>.journal`` with n_workers > 1.
