@@ -171,6 +171,8 @@ def samplers_section(runs: dict[str, dict]) -> list[str]:
                   "P(within 1%), worst M | P(within 1%), mean over M |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in data["rows"]:
             bold = "**" if r["sampler"].startswith("moe_opt (default)") else ""
+            if r.get("seeds", data["seeds"]) != data["seeds"]:  # a slow sampler run over fewer seeds
+                r = {**r, "sampler": f"{r['sampler']} ({r['seeds']} seeds)"}
             p_all = f"{r['p_all']:.2f}" if "p_all" in r else "not recorded"
             lines.append(f"| {bold}{r['sampler']}{bold} | {r['trials']} | {r['median_ratio']:.4f} | "
                          f"{r['worst_ratio']:.4f} | {p_all} | {r['p_worst']:.2f} | {r['p_mean']:.2f} |")

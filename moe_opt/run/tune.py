@@ -44,7 +44,8 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         timeout_s: stop after this many seconds (> 0), keeping everything.
         storage: Optuna storage URL, .db/.journal path or storage object; default ``sqlite:///studies/<model>.db``
             (a replay: ``studies/replay_<table>.db``), or ``journal:studies/<model>.journal`` with n_workers > 1.
-        sampler: "moe" (default), "tpe", "random", "grid" (exhaustive), or an Optuna sampler.
+        sampler: "moe" (default), "tpe", "random", "gp" (Optuna's GPSampler, needs scipy), "grid"
+            (exhaustive), or an Optuna sampler.
         seed: seed of the sampler, 0 to MAX_SEED (about 4.26 million).
         output_dir: where config files go (SGLang layout ``configs/triton_X_Y_Z/`` and vLLM files side by
             side); None to skip export. Batch sizes an existing file holds and this run has no result for are kept.
