@@ -26,7 +26,7 @@ from moe_opt.space import PARAM_NAMES, Config
 
 GOAL_2_S = 180.0
 GOAL_1_P = 0.95
-GOAL_1_TRIALS = 48
+GOAL_1_TRIALS = 32  # the default n_trials
 
 
 def short(config: dict | Config) -> str:
@@ -165,15 +165,20 @@ def grids_section(tables: dict) -> list[str]:
 
 def samplers_section(runs: dict[str, dict]) -> list[str]:
     lines = []
-    for data in runs.values():
-        lines += [(f"### On `{Path(data['table']).name}` ({len(data['batch_sizes'])} batch sizes: "
-                  f"{', '.join(map(str, data['batch_sizes']))}; {data['seeds']} seeds)"), "",
-                  ("| sampler | trials per M | median ratio to optimum | worst ratio | P(within 1%), worst M | "
-                  "P(within 1%), mean over M |"), "| --- | --- | --- | --- | --- | --- |"]
+    for name, data in runs.items():
+        lines += [f"### On `{Path(data['table']).name}` ({len(data['batch_sizes'])} batch sizes: "
+                  f"{', '.join(map(str, data['batch_sizes']))}; {data['seeds']} seeds)", "",
+                  "| sampler | trials per M | median ratio to optimum | worst ratio | P(all within 1%) | "
+                  "P(within 1%), worst M | P(within 1%), mean over M |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in data["rows"]:
             bold = "**" if r["sampler"].startswith("moe_opt (default)") else ""
+            if r.get("seeds", data["seeds"]) != data["seeds"]:  # a slow sampler run over fewer seeds
+                r = {**r, "sampler": f"{r['sampler']} ({r['seeds']} seeds)"}
+            p_all = f"{r['p_all']:.2f}" if "p_all" in r else "not recorded"
             lines.append(f"| {bold}{r['sampler']}{bold} | {r['trials']} | {r['median_ratio']:.4f} | "
-                         f"{r['worst_ratio']:.4f} | {r['p_worst']:.2f} | {r['p_mean']:.2f} |")
+                         f"{r['worst_ratio']:.4f} | {p_all} | {r['p_worst']:.2f} | {r['p_mean']:.2f} |")
+        for label, why in data.get("skipped", {}).items():
+            lines.append(f"\n{label}: not run ({why}).")
         lines.append("")
     return lines
 
@@ -183,13 +188,14 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
     for data in samplers.values():
         row = next((r for r in data["rows"] if r["sampler"] == "moe_opt (default)" and r["trials"] == GOAL_1_TRIALS),
                    None)
-        if row:
-            g1.append((Path(data["table"]).name, row["p_worst"], len(data["batch_sizes"]), data["seeds"]))
+        if row:  # the goal's measure: every batch size within 1% in the same seed
+            g1.append((Path(data["table"]).name, row.get("p_all", row["p_worst"]), len(data["batch_sizes"]),
+                       data["seeds"]))
     g1_met = bool(g1) and all(p >= GOAL_1_P for _, p, _, _ in g1)
     h100 = [r for r in e2e.values() if "H100" in r["device"]]
     speedups = [r["default_us"] / r["us"] for run in e2e.values() for r in run["per_batch_size"] if r["default_us"]]
     g3_met = bool(speedups) and min(speedups) >= 1.0
-    g1_text = "; ".join(f"`{n}`: {p:.2f} of {s} seeds at the worst of {k} batch sizes" for n, p, k, s in g1)
+    g1_text = "; ".join(f"`{n}`: {p:.2f} of {s} seeds with all {k} batch sizes within 1%" for n, p, k, s in g1)
     g2_text = (", ".join(f"{r['wall_s']:.1f} s" + (f" (shell: {r['shell_wall_s']:.1f} s)" if r.get("shell_wall_s")
                                                    else "") for r in h100) + f" on an {h100[0]['device']} "
                f"({h100[0]['cpu_affinity']} cores), {len(h100)} run(s) from a cold Triton cache" if h100 else
@@ -198,13 +204,14 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
     g3_text = "; ".join(f"{label}: {min_speedup(run):.3f}x–{max_speedup(run):.3f}x, geometric mean "
                         f"{run['geomean_speedup']:.3f}x" for label, run in e2e.items())
     return ["| goal | status | evidence |", "| --- | --- | --- |",
-            (f"| 1. within 1% of the grid optimum at every batch size in ≥ 95% of seeds, ≤ 48 trials | "
-            f"**{'met' if g1_met else 'not met'}** | P(within 1%) with 48 trials: {g1_text}; checked on every CI run "
-            "by `tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds` |"),
-            (f"| 2. all 18 batch sizes in ≤ 3 min on one H100, cold Triton cache, studies and exports included | "
-            f"**{'met' if g2 and g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |"),
-            (f"| 3. never slower than SGLang's default; geometric-mean speedup reported | "
-            f"**{'met' if g3_met else 'not met'}** | {g3_text} |"), ""]
+            f"| 1. within 1% of the grid optimum at every batch size in ≥ 95% of seeds, ≤ {GOAL_1_TRIALS} trials | "
+            f"**{'met' if g1_met else 'not met'}** | P(all within 1%) with {GOAL_1_TRIALS} trials: {g1_text}; "
+            "checked on every CI run by "
+            "`tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds` |",
+            f"| 2. all 18 batch sizes in ≤ 3 min on one H100, cold Triton cache, studies and exports included | "
+            f"**{'met' if g2 and g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |",
+            f"| 3. never slower than SGLang's default; geometric-mean speedup reported | "
+            f"**{'met' if g3_met else 'not met'}** | {g3_text} |", ""]
 
 
 def main() -> int:
@@ -243,10 +250,13 @@ def main() -> int:
               "written BLOCK_SIZE_M/N/K/GROUP_SIZE_M/num_warps/num_stages. The landscapes are sharp: a handful "
               "of configs lie within 1% of the optimum."), ""] + grids_section(tables)
     lines += ["## Samplers on the recorded grids (goal 1)", "",
-              ("`benchmarks/compare_samplers.py` (replay mode, CPU): per sampler and seed one tune of all the "
-              "table's batch sizes together with 128 trials each; the best after the first n trials is compared "
+              "`benchmarks/compare_samplers.py` (replay mode, CPU): per sampler and seed one tune of all the "
+              "table's batch sizes together with 48 trials each; the best after the first n trials is compared "
               "with the grid optimum. Trials are counted as every configuration looked up, failures included. "
-              "\"P(within 1%)\" is over seeds."), ""] + samplers_section(samplers)
+              "\"P(all within 1%)\" is the share of seeds in which every batch size is within 1% of its optimum "
+              "(the goal's measure); \"P(within 1%)\" is per batch size, over seeds. Optuna's GP sampler (it needs "
+              "scipy) takes 3 to 5 times as long per tune on the CPU as the others; where it ran over fewer seeds its "
+              "label says so.", ""] + samplers_section(samplers)
     lines += pairs_section([json.loads(f.read_text()) for f in sorted(results.glob("pair_*.json"))])
     lines += formats_section([json.loads(f.read_text()) for f in sorted((results / "formats").glob("e2e_*.json"))])
     lines += routing_section([json.loads(f.read_text()) for f in sorted(results.glob("routing_*.json"))])

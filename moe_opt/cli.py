@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_size_args(how, "SGLang's 18; 1,8,32 on the CPU interpreter; the table's with --replay")
     how.add_argument("--n-trials", type=int, default=None,
                      help="configs measured per batch size, failures included, counted across resumed runs "
-                          "(default 48; 4 on the CPU interpreter)")
+                          "(default 32; 4 on the CPU interpreter)")
     how.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     how.add_argument("--sampler", default="moe", choices=["moe", "tpe", "random", "grid"],
                      help="search strategy (default moe; grid = exhaustive)")

@@ -241,7 +241,7 @@ BAD_ARGUMENTS = [
     ({"kernel": 3}, "unknown kernel 3; accepted: builtin or a KernelBackend"),
     ({"storage": 3}, "storage must be a storage URL such as sqlite:///studies/model.db, a path or an Optuna storage, "
                      "got int 3"),
-    ({"sampler": "annealing"}, "unknown sampler 'annealing'; accepted: moe, tpe, random, grid or an optuna sampler"),
+    ({"sampler": "annealing"}, "unknown sampler 'annealing'; accepted: moe, tpe, random, gp, grid or an optuna sampler"),
     ({"batch_sizes": 16}, "batch_sizes must be a list of positive integers such as [1, 16, 64], got 16"),
     ({"batch_sizes": "1,16"}, "batch_sizes must be a list of positive integers such as [1, 16, 64], got '1,16'"),
     ({"warm_start": "no"}, "warm_start must be True or False, got 'no'"),

@@ -1,8 +1,8 @@
 """tune(): studies in a real SQLite file that resume, exported config files, replay mode, the search's quality.
 
 On the CPU the measurements come from Triton's interpreter (a scaled-down shape) or from replay tables: the
-full-grid tables recorded on an H200 (DeepSeek-V4-Flash fp8 TP8, Qwen3-30B-A3B bf16 TP1) and small synthetic tables
-made here.
+full-grid tables recorded on an H200 (DeepSeek-V4-Flash fp8 TP8, Qwen3-30B-A3B bf16 TP1), the partial one recorded
+on an H100 (DeepSeek-V4-Flash, two batch sizes) and small synthetic tables made here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from moe_opt.measure.replay import ReplayTable, record_table
 
 DSV4_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv"
 QWEN_TABLE = "moe_opt/data/Qwen3-30B-A3B_tp1_H200.csv"
+DSV4_H100_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H100.csv"
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +161,23 @@ def test_warm_start_measures_sglang_default_and_existing_tuned_file_first(tmp_pa
     assert r.default_latency_us[64] == pytest.approx(table.configs(64)[configs[0]])
 
 
+def test_a_replay_does_not_warm_start_from_what_an_earlier_replay_of_the_table_exported(tmp_path):
+    """The output folder of a replay holds the table's own answers once a replay has exported there: a second
+    replay that read them would measure the search with the answers given (rule of the search-quality goal)."""
+    from moe_opt.export.engines import write_sglang
+
+    table = ReplayTable(repo_path(DSV4_TABLE))
+    spec = moe_opt.ModelSpec.from_dict(table.metadata()["spec"])
+    optimum = table.best(64)[0]
+    write_sglang(spec, {64: optimum}, tmp_path / "out", device_name="NVIDIA H200", triton_version="3.6.0")
+    r = moe_opt.tune(replay=repo_path(DSV4_TABLE), batch_sizes=[64], n_trials=2, storage="sqlite:///w.db",
+                     output_dir=tmp_path / "out", progress=False)
+    first = r.trials_dataframe().sort_values("number").head(2)
+    configs = [Config(*(int(row[f"params_{p}"]) for p in space.PARAM_NAMES)) for _, row in first.iterrows()]
+    assert configs[0] == space.default_config(64, 256, "fp8_w8a8", [128, 128])
+    assert optimum not in configs
+
+
 class LoggedReplay(ReplayTable):
     """The recorded table, writing when it measured which config at which batch size (it runs in the isolated
     measuring process, so it tells the test through a file)."""
@@ -268,22 +286,24 @@ def test_close_contenders_are_measured_again_so_a_lucky_draw_is_not_exported(tmp
     assert load_tuned_configs(rebuilt[0])[64] == Config.from_dict(r.best[64])
 
 
-@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE])
+@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE, DSV4_H100_TABLE])
 def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table_path):
-    """Goal 1 of the performance issue, on the full-grid tables recorded on an H200 (DeepSeek-V4-Flash fp8 block
-    TP8 and Qwen3-30B-A3B bf16 TP1, six batch sizes each): with 48 trials per batch size, the best config found is
-    within 1% of the grid optimum at every batch size in at least 95% of seeds. Deterministic (seeded), no GPU."""
+    """Goal 1 of the performance issue, on every full-grid table recorded (DeepSeek-V4-Flash fp8 block TP8 and
+    Qwen3-30B-A3B bf16 TP1 on an H200, six batch sizes each; DeepSeek-V4-Flash on an H100, two): with the default
+    32 trials per batch size, the best configs found are within 1% of the grid optimum at every batch size at once
+    in at least 95% of 20 seeds. Deterministic (seeded), no GPU."""
     table = ReplayTable(repo_path(table_path))
-    assert table.batch_sizes == [1, 16, 64, 256, 1024, 4096]
     seeds = range(20)
-    hits = {M: 0 for M in table.batch_sizes}
+    all_within = 0
+    misses = []
     for seed in seeds:
-        r = moe_opt.tune(replay=repo_path(table_path), n_trials=48, seed=seed,
-                         storage=optuna.storages.InMemoryStorage(), output_dir=None, progress=False)
-        for M in table.batch_sizes:
-            assert r.trials_used[M] == 48
-            hits[M] += r.latency_us[M] <= 1.01 * table.best(M)[1]
-    assert all(h / len(seeds) >= 0.95 for h in hits.values()), hits
+        r = moe_opt.tune(replay=repo_path(table_path), seed=seed, storage=optuna.storages.InMemoryStorage(),
+                         output_dir=None, progress=False)
+        assert all(r.trials_used[M] == 32 for M in table.batch_sizes)  # the default budget
+        missed = [M for M in table.batch_sizes if r.latency_us[M] > 1.01 * table.best(M)[1]]
+        all_within += not missed
+        misses += [(seed, M) for M in missed]
+    assert all_within / len(seeds) >= 0.95, misses
 
 
 def test_bad_arguments_are_one_line_errors():

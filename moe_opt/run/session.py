@@ -39,7 +39,7 @@ from .arguments import check_batch_sizes
 from .result import TuneResult
 from .scheduler import LoopTimes
 
-DEFAULT_N_TRIALS = 48
+DEFAULT_N_TRIALS = 32
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
 INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there
@@ -344,9 +344,14 @@ class TuneSession:
         from .lookup import ENGINES, engine_package_dir
         from .warm_start import enqueue_warm_start
 
-        # The user's folders, the output folder, then the files an installed engine ships for this shape.
-        dirs = list(self.plan.tuned_config_dirs) + ([self.plan.output_dir] if self.plan.output_dir is not None else [])
-        dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
+        # The user's folders, the output folder, then the files an installed engine ships for this shape. A replay
+        # reads the user's folders only: its output folder holds what earlier replays of the same table exported
+        # (the table's own answers), and an installed engine's files would make a replay's search depend on the
+        # machine it runs on; a replay measures the search.
+        dirs = list(self.plan.tuned_config_dirs)
+        if self.table is None:
+            dirs += [self.plan.output_dir] if self.plan.output_dir is not None else []
+            dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
         try:
             enqueue_warm_start(self.studies, self.strategy.state, self.space.defaults, self.spec,
                                self.info.device_name, dirs, n_trials=self.n_trials,

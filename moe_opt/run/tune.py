@@ -41,11 +41,12 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         batch_sizes: default SGLang's 18 (1 ... 4096); on the CPU interpreter (1, 8, 32); in replay mode the
             table's batch sizes.
         n_trials: configurations measured per batch size, failures included, counted across resumed runs and
-            shared by all workers (default 48; 4 on the interpreter; the whole grid with sampler="grid").
+            shared by all workers (default 32; 4 on the interpreter; the whole grid with sampler="grid").
         timeout_s: stop after this many seconds (> 0), keeping everything.
         storage: Optuna storage URL, .db/.journal path or storage object; default ``sqlite:///studies/<model>.db``
             (a replay: ``studies/replay_<table>.db``), or ``journal:studies/<model>.journal`` with n_workers > 1.
-        sampler: "moe" (default), "tpe", "random", "grid" (exhaustive), or an Optuna sampler.
+        sampler: "moe" (default), "tpe", "random", "gp" (Optuna's GPSampler, needs scipy), "grid"
+            (exhaustive), or an Optuna sampler.
         seed: seed of the sampler, 0 to MAX_SEED (about 4.26 million).
         output_dir: where config files go (SGLang layout ``configs/triton_X_Y_Z/`` and vLLM files side by
             side); None to skip export. Batch sizes an existing file holds and this run has no result for are kept.

@@ -1,5 +1,5 @@
 """The strategies a tune can use: moe_opt's search (default), the exhaustive grid walk, and Optuna's samplers
-(TPE, random, or any sampler object) as baselines. Each is a :class:`~moe_opt.search.base.Strategy`."""
+(TPE, random, GP, or any sampler object) as baselines. Each is a :class:`~moe_opt.search.base.Strategy`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..space import Config
 from .base import ProposingStrategy, Strategy
 from .surrogate import SearchState
 
-STRATEGY_NAMES = ("moe", "tpe", "random", "grid")
+STRATEGY_NAMES = ("moe", "tpe", "random", "gp", "grid")
 
 
 class MoeStrategy(ProposingStrategy):
@@ -82,12 +82,14 @@ class OptunaStrategy(Strategy):
             return optuna.samplers.TPESampler(seed=seed)
         if self.sampler_spec == "random":
             return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler_spec == "gp":  # one per study: its search space is computed over one study
+            return optuna.samplers.GPSampler(seed=seed)  # needs scipy, which moe_opt does not depend on
         return self.sampler_spec
 
 
 def make_strategy(strategy: Any, state: SearchState, choices: dict[str, Sequence[int]],
                   seed: int | None = None, *, pair: bool = False) -> Strategy:
-    """A strategy by name ("moe", "tpe", "random", "grid"), from an Optuna sampler object, or as given; with
+    """A strategy by name ("moe", "tpe", "random", "gp", "grid"), from an Optuna sampler object, or as given; with
     ``pair``, moe_opt's search runs as :class:`PairStrategy`."""
     if isinstance(strategy, Strategy):
         return strategy
@@ -95,7 +97,7 @@ def make_strategy(strategy: Any, state: SearchState, choices: dict[str, Sequence
         return PairStrategy(state, choices, seed) if pair else MoeStrategy(state, choices, seed)
     if strategy == "grid":
         return GridStrategy(state, choices, seed)
-    if strategy in ("tpe", "random"):
+    if strategy in ("tpe", "random", "gp"):
         return OptunaStrategy(state, choices, seed, sampler=strategy)
     import optuna
 
