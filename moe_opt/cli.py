@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "zipf1.2) or trace:PATH (SGLang's topk_ids dumps, .pt or .npy; docs/routing.md)")
     how.add_argument("--kernel", default="builtin",
                      help="kernel to time: builtin (default), or sglang / vllm: the installed engine's own kernel "
-                          "(docs/kernel.md)")
+                          "(docs/kernel.md), or sglang-kernel=DIR / vllm-kernel=DIR: the engine's own GEMM kernel "
+                          "from a folder of its files (docs/engines.md)")
     how.add_argument("--target", default=None, choices=["sglang", "vllm"],
                      help="the engine the configs are for: its launch rules and default config (default sglang for "
                           "the builtin kernel, the engine itself for an engine's kernel)")

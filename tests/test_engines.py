@@ -426,3 +426,18 @@ def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_referenc
     assert not out.isnan().any()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"
+
+
+def test_tune_takes_an_engine_kernel_folder_and_names_a_missing_one_in_one_line(tmp_path, monkeypatch):
+    import moe_opt
+    from moe_opt.errors import TuneError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TuneError) as err:
+        moe_opt.tune(spec=moe_opt.ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=64),
+                     kernel=f"sglang-kernel={tmp_path / 'missing'}", output_dir=None, progress=False)
+    assert "missing" in str(err.value) and "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # refused before any storage or file was made
+    with pytest.raises(TuneError, match="unknown kernel 'mxnet-kernel=x'"):
+        moe_opt.tune(spec=moe_opt.ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=64, intermediate_size=64),
+                     kernel="mxnet-kernel=x", output_dir=None, progress=False)

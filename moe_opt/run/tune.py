@@ -70,7 +70,10 @@ def tune(model: str | None = None, *, spec: ModelSpec | None = None, tp_size: in
         confirm: after the search, re-measure each batch size's close contenders and SGLang's default three more
             times and rank and report them by those medians (not in replay mode or on the interpreter).
         kernel: the kernel backend to time: "builtin" (moe_opt's Triton kernel), or an installed engine's own
-            fused-MoE path, "sglang" or "vllm" (kernel/engines.py; needs the engine and a GPU).
+            fused-MoE path, "sglang" or "vllm" (kernel/engines.py; needs the engine and a GPU), or an engine's own
+            GEMM kernel and launch function loaded from a folder of its files inside moe_opt's align, activation and
+            sum, "sglang-kernel=<folder>" or "vllm-kernel=<folder>" (docs/engines.md; benchmarks/carry_engines.py
+            builds the folders).
         target: the engine the builtin kernel tunes for, "sglang" (None, the default) or "vllm": its launch rules
             (vLLM's tiny-batch path and grid trimming) and its default config, the baseline of every speedup. Part
             of the study identity. An engine kernel's target is that engine.
@@ -172,7 +175,11 @@ def _check_arguments(args: dict[str, Any]) -> None:
         raise TuneError(f"measurer {type(args['measurer']).__name__} has no measure(config, M) method; give a "
                         "moe_opt.measure.base.Measurer")
     kernel = args["kernel"]
-    if kernel not in BACKENDS if isinstance(kernel, str) else not isinstance(kernel, KernelBackend):
+    if isinstance(kernel, str) and "=" in kernel:  # an engine's kernel files from a folder: checked where built
+        from ..kernel.backend import get_backend
+
+        get_backend(kernel)
+    elif kernel not in BACKENDS if isinstance(kernel, str) else not isinstance(kernel, KernelBackend):
         engines = ", ".join(name for name in BACKENDS if name != "builtin")
         raise TuneError(f"unknown kernel {kernel!r}; accepted: builtin or a KernelBackend, or an installed engine's "
                         f"own kernel: {engines}")
