@@ -123,6 +123,7 @@ class TuneSession:
         self.times = LoopTimes()
         self.interrupted = False
         self.pair = False  # searching a config per GEMM (decided with the measurer)
+        self.offers_tma = False  # the candidate space offers USE_TMA (decided with the space)
         self.worker_errors: list[str] = []
         self._marks: dict[str, float] = {}
 
@@ -283,6 +284,7 @@ class TuneSession:
             choices = self.backend.choices(spec, tma=tma)
             defaults = {M: self.backend.default_config(spec, M) for M in self.batch_sizes}
         candidates = grid if self.plan.sampler == "grid" else fitting
+        self.offers_tma = space.TMA_NAME in choices
         return _Space(candidates, choices, len(grid), defaults)
 
     def identity(self) -> StudyIdentity:
@@ -292,7 +294,7 @@ class TuneSession:
         return StudyIdentity(self.spec, self.info.source, triton or _installed("triton"), backend_key(self.backend),
                              table_name=Path(self.plan.replay).stem if self.table is not None else None,
                              routing=self.routing.key(), pair=self.pair, target=self.backend.target,
-                             tma=space.TMA_NAME in self.space.choices)
+                             tma=self.offers_tma)
 
     def _open_studies(self) -> None:
         import optuna
