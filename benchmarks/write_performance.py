@@ -465,27 +465,36 @@ def sweep_section(runs: list[dict]) -> list[str]:
 
 
 def where_time_goes(e2e: dict[str, dict]) -> list[str]:
-    run = next(iter(e2e.values()), None)
-    if run is None:
-        return []
+    run = json.loads((REPO / "benchmarks/results" / DEFAULT_E2E).read_text())
     t = run["timings"]
-    bookkeeping = t["search_s"] - t["measuring_s"] - t["compile_wait_s"]
+    host = t["search_s"] - t["measuring_s"] - t["compile_wait_s"]
     return ["## Where the time goes", "",
             ("Compiling a config (both GEMMs) costs about a second of one core and timing it 10–100 ms of GPU, so "
-            "the tune keeps three kinds of work running at once (loop.py): a pool of compile processes (one per "
-            "core but two) compiles every batch size's claimed config and the search's likely next ones; the "
-            "isolated measuring process times one config while the next waits queued behind it; and the tuning "
-            "process tells Optuna the last result and claims the next trial meanwhile. Every batch size holds one "
-            "claimed trial, so a config still compiling holds up only its own batch size. The GEMM kernel does "
-            "not specialize on batch-size-dependent arguments, so one binary serves all 18 batch sizes "
-            f"({t.get('compiled', 0):.0f} compiles for {t['measured']:.0f} measurements in the {run['device']} run)."),
-            "",
-            (f"In that run the loop waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for "
-            f"compiles (every claimed config still compiling); the other {bookkeeping:.1f} s of its "
-            f"{t['search_s']:.1f} s were the tuning process's own work — SQLAlchemy writes of each trial to SQLite "
-            "(WAL mode, `synchronous=NORMAL`), the claim protocol that lets several processes share the studies, "
-            "and the search's surrogate — while the GPU measured whatever was queued. That bookkeeping (~60 ms a "
-            "trial) is now the largest share: the next thing to make cheaper if the budget tightens."), ""]
+             "the tune keeps three kinds of work running at once (run/scheduler.py): a pool of compile processes "
+             "compiles every batch size's claimed config and the search's likely next ones; the isolated measuring "
+             "process times one config while the next waits queued behind it; and the tuning process records the "
+             "last result and claims the next trial meanwhile. The GEMM kernel does not specialize on "
+             "batch-size-dependent arguments, so one binary serves all 18 batch sizes."), "",
+            (f"In the newest run with the defaults of its day (`{DEFAULT_E2E}`: {run['device']}, a config pair per "
+             f"batch size, USE_TMA offered, {t['measured']:.0f} measurements, {t.get('compiled', 0):.0f} compiles) "
+             f"the {run['wall_s']:.1f} s were: start-up {t['start_s']:.1f} s; the trial loop {t['search_s']:.1f} s, "
+             f"of which it waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for compiles "
+             f"and spent {host:.1f} s on its own work; re-measuring the close contenders {t['confirm_s']:.1f} s (a "
+             f"pair tune re-measures pairs and singles); the correctness guard {t['guard_s']:.1f} s; export "
+             f"{t['collect_export_s']:.1f} s; the rest is Python's imports before the tune starts."), "",
+            ("Where the loop's own work goes, from a cProfile of a single-config tune (`--down-config off`) of the "
+             "same model at 16 trials per batch size "
+             "(`benchmarks/results/profile/e2e_DeepSeek-V4-Flash_tp8_H200_16trials_cprofile.txt`, H200, 288 trials; "
+             "cProfile slows Python down, so read shares, not seconds): of the profiled loop's 32.4 s, claiming "
+             "trials took 16.3 s — creating each trial in SQLite 8.3 s (one storage write per trial since the "
+             "claim creates it from a template, but Optuna's RDB storage still inserts each parameter with a "
+             "distribution check: 4.8 s for 2,016 parameters), reading the study's running trials under the claim "
+             "lock 2.9 s, the surrogate's proposals 2.5 s; compiling ahead 6.4 s (the surrogate's look-ahead 3.4 s, "
+             "reading every study's queued trials 2.6 s); recording results 3.5 s; waiting on the measuring process "
+             "9.5 s. SQLAlchemy's ORM is most of the storage time: a replayed tune of the H200 DeepSeek-V4-Flash table "
+             "(6 batch sizes x 48 trials) took 16 s with SQLite and 6 s with a journal file on the 2-core "
+             "development machine. Cutting it further (fewer writes per "
+             "trial, a cheaper storage path, fewer re-measurements in pair mode) is what goal 2 needs next."), ""]
 
 
 if __name__ == "__main__":
