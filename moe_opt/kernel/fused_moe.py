@@ -302,7 +302,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
                 invoke_fused_moe_kernel(a, w, c, a_scale, w_scale, routed_weights, aligned, top_k, cfg,
                                         compute_type=dtype, quant=quant, block_shape=block_shape,
                                         mul_routed_weight=routed_weights is not None, em=em, naive=naive,
-                                        a_tma=a_tma, b_tma=b_tma, c_sorted=sorted_out)
+                                        a_tma=a_tma, b_tma=b_tma, c_sorted=sorted_out,
+                                        vllm_body=launch == "vllm")
 
     # GEMM1: (M, K) x (E, 2N, K) -> (M*topk, 2N)
     if quant == QUANT_BLOCK:

@@ -53,6 +53,7 @@ def fused_moe_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
     QUANT: tl.constexpr, INT8_DOT: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INTERP_ROUND: tl.constexpr, NAIVE: tl.constexpr = False,
+    TILE_SCALE: tl.constexpr = True,
     A_TMA: tl.constexpr = False, B_TMA: tl.constexpr = False, C_SORTED: tl.constexpr = False,
 ):
     # Grouped ordering of the (M blocks x N blocks) tiles, as in Triton's matmul tutorial.
@@ -109,10 +110,10 @@ def fused_moe_kernel(
             a_scale_ptrs = a_scale_ptr + offs_token_id * stride_asm  # the sorted A's scales are sorted too
         else:
             a_scale_ptrs = a_scale_ptr + (offs_token // top_k) * stride_asm
-        if BLOCK_SIZE_N > group_n:
+        if BLOCK_SIZE_N > group_n or not TILE_SCALE:
             offs_bsn = offs_bn // group_n
         else:
-            offs_bsn = pid_n * BLOCK_SIZE_N // group_n  # the whole tile shares one scale row
+            offs_bsn = pid_n * BLOCK_SIZE_N // group_n  # SGLang's: the whole tile shares one scale row
         b_scale_ptrs = b_scale_ptr + expert * stride_bse + offs_bsn * stride_bsn
     if QUANT == 3:
         a_scale = tl.load(a_scale_ptr + (offs_token // top_k) * stride_asm, mask=token_mask, other=0.0)
@@ -151,12 +152,12 @@ def fused_moe_kernel(
             if SWAP_AB:
                 # SGLang's swap_ab: for small BLOCK_SIZE_M the transposed product fills Hopper's wgmma better.
                 partial = tl.dot(tl.trans(b, (1, 0)), tl.trans(a, (1, 0)))
-                if BLOCK_SIZE_N > group_n:
+                if BLOCK_SIZE_N > group_n or not TILE_SCALE:
                     accumulator += partial * b_s[:, None] * a_s[None, :]
                 else:
                     accumulator += partial * (b_s * a_s[None, :])
             else:
-                if BLOCK_SIZE_N > group_n:
+                if BLOCK_SIZE_N > group_n or not TILE_SCALE:
                     accumulator += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
                 else:
                     accumulator += tl.dot(a, b) * (a_s[:, None] * b_s)
@@ -198,7 +199,7 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
                             aligned: AlignedSlots, top_k: int, config: Config, *, compute_type: torch.dtype,
                             quant: int, block_shape: tuple[int, int] | None, mul_routed_weight: bool,
                             em: int | None = None, naive: bool = False, a_tma: bool = False,
-                            b_tma: bool = False, c_sorted: bool = False) -> None:
+                            b_tma: bool = False, c_sorted: bool = False, vllm_body: bool = False) -> None:
     """Launch fused_moe_kernel: C (M*topk, N) = per-slot A @ B[expert].T with B of shape (E, N, K).
 
     ``em``: the rows the grid covers (default: the length of sorted_token_ids, SGLang's); ``naive``: vLLM's
@@ -206,6 +207,9 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
     ``b_tma``: B through a tensor descriptor; ``a_tma``: A is expert-sorted (one row per position of
     sorted_token_ids, as GEMM1 writes it with ``c_sorted``) and read through a descriptor; ``c_sorted``: C is
     written that way, with as many rows as sorted_token_ids. A ConfigError says why a tensor cannot be described.
+    ``vllm_body``: vLLM's kernel body where it differs from SGLang's at equal results (vLLM 0.33.0's
+    fused_moe_kernel): K loads always masked (SGLang skips the mask where BLOCK_SIZE_K divides K), and block-fp8 B
+    scales always loaded per column (SGLang loads one per tile where BLOCK_SIZE_N <= group_n).
     """
     if a_tma and c.shape[0] >= a.shape[0]:
         raise ValueError("a_tma reads an expert-sorted A: one row per position of sorted_token_ids")
@@ -238,9 +242,9 @@ def invoke_fused_moe_kernel(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         BLOCK_SIZE_M=config.BLOCK_SIZE_M, BLOCK_SIZE_N=config.BLOCK_SIZE_N, BLOCK_SIZE_K=config.BLOCK_SIZE_K,
         GROUP_SIZE_M=config.GROUP_SIZE_M,
         MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=triton_dtype,
-        QUANT=quant, INT8_DOT=a.dtype == torch.int8, EVEN_K=K % config.BLOCK_SIZE_K == 0,
+        QUANT=quant, INT8_DOT=a.dtype == torch.int8, EVEN_K=K % config.BLOCK_SIZE_K == 0 and not vllm_body,
         SWAP_AB=use_swap_ab(config, a.dtype == FP8_DTYPE, a.device),
         UPCAST_DOT=upcast, INTERP_ROUND=round_mode(compute_type), NAIVE=naive,
-        A_TMA=a_tma, B_TMA=b_tma, C_SORTED=c_sorted,
+        A_TMA=a_tma, B_TMA=b_tma, C_SORTED=c_sorted, TILE_SCALE=not vllm_body,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
