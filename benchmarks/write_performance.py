@@ -420,8 +420,9 @@ def routing_section(runs: list[dict]) -> list[str]:
              "expert popularity 1/rank^s, docs/routing.md). Per batch size, the two tunes' configs and SGLang's "
              "default are timed under both routings, interleaved, and the medians compared: the first speedup column "
              "is how much faster the skewed tune's config runs than the uniform tune's when the served routing is "
-             "skewed, the second the same under uniform routing, the last how much slower the skewed routing makes the "
-             "uniform tune's config.", ""]
+             "skewed, the second the same under uniform routing, the last the uniform tune's config's time under the "
+             "skewed routing over its time under uniform routing (< 1: the skewed call is faster, it touches fewer "
+             "experts' weights).", ""]
     for run in runs:
         lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}, {run['routing']}", "",
                   f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}, "
@@ -436,8 +437,9 @@ def routing_section(runs: list[dict]) -> list[str]:
                          f"{r['skewed_slowdown']:.3f} |")
         lines += ["", f"Geometric means: under {run['routing']} the skewed tune's configs are "
                       f"**{run['geomean_skewed_vs_uniform_tuned_skewed']:.3f}x** the speed of the uniform tune's; under "
-                      f"uniform routing {run['geomean_skewed_vs_uniform_tuned_uniform']:.3f}x; the skewed routing "
-                      f"itself costs the uniform tune's configs {run['geomean_skewed_slowdown']:.3f}x.", ""]
+                      f"uniform routing {run['geomean_skewed_vs_uniform_tuned_uniform']:.3f}x; the uniform tune's "
+                      f"configs take {run['geomean_skewed_slowdown']:.3f}x their uniform-routing time under the "
+                      "skewed routing.", ""]
     return lines
 
 
