@@ -347,13 +347,13 @@ class TuneSession:
         from .warm_start import enqueue_warm_start
 
         # The user's folders, the output folder, then the files an installed engine ships for this shape. A replay
-        # reads the user's folders only: its output folder holds what earlier replays of the same table exported
-        # (the table's own answers), and an installed engine's files would make a replay's search depend on the
-        # machine it runs on; a replay measures the search.
+        # skips its output folder: that holds what earlier replays of the same table exported (the table's own
+        # answers). An installed engine's shipped files are prior knowledge a GPU tune has too, so a replay reads
+        # them as well (the search-quality figures are measured where no engine is installed).
         dirs = list(self.plan.tuned_config_dirs)
-        if self.table is None:
-            dirs += [self.plan.output_dir] if self.plan.output_dir is not None else []
-            dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
+        if self.table is None and self.plan.output_dir is not None:
+            dirs.append(self.plan.output_dir)
+        dirs += [d for d in map(engine_package_dir, ENGINES) if d is not None]
         try:
             enqueue_warm_start(self.studies, self.strategy.state, self.space.defaults, self.spec,
                                self.info.device_name, dirs, n_trials=self.n_trials,
