@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="configs measured per batch size, failures included, counted across resumed runs "
                           "(default 32; 4 on the CPU interpreter)")
     how.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    how.add_argument("--sampler", default="moe", choices=["moe", "tpe", "random", "grid"],
-                     help="search strategy (default moe; grid = exhaustive)")
+    how.add_argument("--sampler", default="moe", choices=["moe", "tpe", "gp", "random", "grid"],
+                     help="search strategy (default moe; gp = Optuna's GPSampler, needs scipy; grid = exhaustive)")
     how.add_argument("--seed", type=int, default=None, help="sampler seed")
     how.add_argument("--storage", default=None,
                      help="where the studies go: a .db path or sqlite:///PATH.db (default studies/<model>.db); "
