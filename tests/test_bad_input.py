@@ -351,3 +351,15 @@ def test_a_study_holding_a_latency_that_is_not_one_records_it_as_a_failure_and_t
     assert table.configs(1)[Config(16, 32, 64, 1, 4, 2)] is None
     assert table.entries[1][Config(16, 32, 64, 1, 4, 2)][1] == "InvalidLatency: the study holds -1.0, not a latency"
     assert table.configs(1)[Config(16, 32, 64, 1, 4, 3)] == pytest.approx(0.0002)
+
+
+def test_the_gp_sampler_without_scipy_is_a_one_line_error_before_anything_is_written(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is not None:  # where scipy is installed, gp tunes
+        assert moe_opt.tune(**{**REPLAY, "sampler": "gp", "n_trials": 12}).best
+        return
+    with pytest.raises(TuneError) as info:
+        moe_opt.tune(**{**REPLAY, "sampler": "gp"})
+    assert one_line(info).startswith("sampler='gp' (Optuna's GPSampler) needs scipy, which is not installed")
+    nothing_written(tmp_path)

@@ -226,8 +226,10 @@ def _check_storage(storage: Any) -> None:
 
 def _check_sampler(sampler: Any) -> None:
     from ..search.base import Strategy
-    from ..search.strategies import STRATEGY_NAMES
+    from ..search.strategies import STRATEGY_NAMES, require_gp
 
+    if sampler == "gp":
+        require_gp()
     if sampler is None or isinstance(sampler, str) and sampler in STRATEGY_NAMES or isinstance(sampler, Strategy):
         return
     import optuna

@@ -87,6 +87,15 @@ class OptunaStrategy(Strategy):
         return self.sampler_spec
 
 
+def require_gp() -> None:
+    """sampler='gp' needs scipy: Optuna's GPSampler imports it at its first model fit, trials into a tune."""
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is None:
+        raise TuneError("sampler='gp' (Optuna's GPSampler) needs scipy, which is not installed; pip install scipy, or "
+                        "use sampler='moe'")
+
+
 def make_strategy(strategy: Any, state: SearchState, choices: dict[str, Sequence[int]],
                   seed: int | None = None, *, pair: bool = False) -> Strategy:
     """A strategy by name ("moe", "tpe", "random", "gp", "grid"), from an Optuna sampler object, or as given; with
@@ -97,6 +106,8 @@ def make_strategy(strategy: Any, state: SearchState, choices: dict[str, Sequence
         return PairStrategy(state, choices, seed) if pair else MoeStrategy(state, choices, seed)
     if strategy == "grid":
         return GridStrategy(state, choices, seed)
+    if strategy == "gp":
+        require_gp()
     if strategy in ("tpe", "random", "gp"):
         return OptunaStrategy(state, choices, seed, sampler=strategy)
     import optuna
