@@ -182,6 +182,8 @@ def samplers_section(runs: dict[str, dict]) -> list[str]:
                          f"{r['worst_ratio']:.4f} | {p_all} | {r['p_worst']:.2f} | {r['p_mean']:.2f} |")
         for label, why in data.get("skipped", {}).items():
             lines.append(f"\n{label}: not run ({why}).")
+        if data.get("note"):
+            lines.append(f"\n{data['note']}.")
         lines.append("")
     return lines
 

@@ -259,7 +259,8 @@ def test_tma_true_on_a_device_without_tensor_descriptors_is_a_one_line_error(tmp
     import pathlib
 
     table = str(pathlib.Path(__file__).resolve().parents[1] / table)
-    with pytest.raises(TuneError, match=r"tma=True needs a device with tensor descriptors.*give tma=None$"):
+    with pytest.raises(TuneError, match=r"tma=True needs a measurer that can time USE_TMA: a GPU with tensor descriptors .* a replay table "
+                       r"with a USE_TMA column; .* has neither; give tma=None$"):
         moe_opt.tune(replay=table, n_trials=2, storage="sqlite:///x.db", output_dir=None, progress=False, tma=True)
     with pytest.raises(TuneError, match="tma must be None, True or False, got 'yes'"):
         moe_opt.tune(replay=table, n_trials=2, output_dir=None, progress=False, tma="yes")

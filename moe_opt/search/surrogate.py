@@ -14,9 +14,7 @@ The model: every measurement becomes a point (config, log2 M, log of latency ove
 The predicted log-ratio of a candidate at batch size M is a kernel-weighted average of those points (a
 Nadaraya-Watson estimate with a prior pseudo-point); the next config is the unmeasured candidate with the lowest
 lower confidence bound, looked for first among the local moves of the incumbent (one step along one tunable,
-or an exchange of two block sizes); a local move the model predicts more than PRUNE_WITHIN slower than the best
-(say the same config with another GROUP_SIZE_M was measured slow) is not spent a trial on. Ties break by a seeded
-random draw.
+or an exchange of two block sizes). Ties break by a seeded random draw.
 """
 
 from __future__ import annotations
@@ -42,9 +40,6 @@ PRIOR_LOG_RATIO = 0.35  # unexplored configs are assumed ~40% slower than the be
 PRIOR_WEIGHT = 0.05
 EXPLORATION = 0.12  # kappa of the lower confidence bound
 PATTERN_WITHIN = 0.05  # pattern moves are made from measured configs this close to the best
-# Local moves predicted (lower confidence bound) this much slower than the best are skipped: chosen on the
-# DeepSeek-V4-Flash H200 and Qwen3 tables (0.02 to 0.05 alike at 32 trials), held out on the H100 table.
-PRUNE_WITHIN = 0.02
 EXCHANGED = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")  # the tunables an exchange move trades
 
 
@@ -153,14 +148,13 @@ class SearchState:
         if results:
             # Pattern search first: the untried local moves of the incumbent (one step, or an exchange of block
             # sizes), best predicted first; then the pattern moves (a step that improved, taken once more); then
-            # two-step neighbours. Moves predicted clearly slower than the best are skipped.
+            # two-step neighbours.
             best = self._index[min(results, key=results.get)]
             local = self._rings[0][best] | self._exchange[best]
             stages = [{self.candidates[i] for i in np.flatnonzero(local)},
                       self._pattern_moves(results), {self.candidates[i] for i in np.flatnonzero(self._rings[1][best])}]
-            cut = math.log1p(PRUNE_WITHIN)
             for near in stages:
-                near = {c for c in near & open_set if score[self._index[c]] < cut}
+                near = near & open_set
                 if near:
                     pool = near
                     break
