@@ -178,14 +178,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     args.tp, args.dtype = args.tp[0], dtypes[0]
     result = tune(args.model if not args.shape else None, spec=_shape_spec(args) if args.shape else None,
                   tp_size=args.tp, ep_size=_ep(args), dtype=_dtype(args), swiglu_limit=args.swiglu_limit,
-                  batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
-                  storage=args.storage, sampler=args.sampler, seed=args.seed,
-                  output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
-                  tuned_config_dirs=args.tuned_config_dir, device=args.device, replay=args.replay,
-                  compile_workers=args.compile_workers, progress=True, n_workers=args.workers,
-                  confirm=not args.no_confirm, down_config=False if args.no_down_config else None,
-                  routing=args.routing, kernel=args.kernel, target=args.target,
-                  tma=False if args.no_tma else None)
+                  replay=args.replay, **_how_to_tune(args))
+    return _tune_exit_code(result, args)
+
+
+def _how_to_tune(args: argparse.Namespace) -> dict:
+    """tune()'s arguments from `moe-opt tune`'s "how" and "output" options (a tune and a sweep take the same)."""
+    return dict(batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
+                storage=args.storage, sampler=args.sampler, seed=args.seed,
+                output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
+                tuned_config_dirs=args.tuned_config_dir, device=args.device, compile_workers=args.compile_workers,
+                progress=True, n_workers=args.workers, confirm=not args.no_confirm,
+                down_config=False if args.no_down_config else None, routing=args.routing, kernel=args.kernel,
+                target=args.target, tma=False if args.no_tma else None)
+
+
+def _tune_exit_code(result, args: argparse.Namespace) -> int:
+    """130 interrupted, 1 a worker failed or nothing to export (said in one line), else 0."""
     if result.interrupted:
         return EXIT_INTERRUPTED
     if result.worker_errors:
@@ -207,24 +216,14 @@ def _cmd_sweep(args: argparse.Namespace, dtypes: list[str | None]) -> int:
     if args.enable_expert_parallel:
         raise TuneError("--enable-expert-parallel sets EP size = TP size; with several TP sizes give --ep instead")
     out = sweep(args.model, tp_sizes=args.tp, dtypes=dtypes, ep_size=args.ep, swiglu_limit=args.swiglu_limit,
-                batch_sizes=_batch_sizes(args), n_trials=args.n_trials, timeout_s=args.timeout,
-                storage=args.storage, sampler=args.sampler, seed=args.seed,
-                output_dir=None if args.no_export else args.output_dir, warm_start=not args.no_warm_start,
-                tuned_config_dirs=args.tuned_config_dir, device=args.device, compile_workers=args.compile_workers,
-                progress=True, n_workers=args.workers, confirm=not args.no_confirm,
-                down_config=False if args.no_down_config else None, routing=args.routing, kernel=args.kernel,
-                target=args.target, tma=False if args.no_tma else None)
+                **_how_to_tune(args))
     print(f"moe-opt sweep: {len(out.results)} shape{'s' if len(out.results) != 1 else ''} in {out.wall_s:.1f} s")
     for (tp, dtype), result in out.results.items():
         g = result.geomean_speedup()
         print(f"  TP {tp:<2} {dtype or 'auto':10s} {len(result.best):2d} batch sizes"
               + (f", geometric mean {g:.3f}x vs the default" if g and result.is_performance else ""))
-    for result in out.results.values():
-        if result.interrupted:
-            return EXIT_INTERRUPTED
-        if result.worker_errors or _nothing_exported(result, exporting=not args.no_export):
-            return EXIT_FAILED
-    return 0
+    codes = [_tune_exit_code(result, args) for result in out.results.values()]
+    return max(codes, key=lambda c: (c == EXIT_INTERRUPTED, c))
 
 
 def _nothing_exported(result, *, exporting: bool) -> str | None:

@@ -248,6 +248,11 @@ BAD_ARGUMENTS = [
     ({"guard": "yes"}, "guard must be True, False or a function config -> relative error, got 'yes'"),
     ({"output_dir": 3}, "output_dir must be a path or a string, or None, got int 3"),
     ({"measurer": "table.csv"}, "measurer str has no measure(config, M) method"),
+    ({"warm_start_configs": [{"BLOCK_SIZE_M": 16}]}, "warm_start_configs must be a mapping {batch size: [configs]}, "
+                                                     "got list"),
+    ({"warm_start_configs": {0: []}}, "warm_start_configs: batch size 0 is not an integer >= 1"),
+    ({"warm_start_configs": {16: [{"BLOCK_SIZE_M": 16}]}}, "warm_start_configs[16]: config {'BLOCK_SIZE_M': 16} lacks "
+                                                          "BLOCK_SIZE_N"),
 ]
 
 

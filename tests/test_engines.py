@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_kernel import TOLERANCE  # the kernel tests' bounds, where their derivation is written
+from test_kernel import make_case as kernel_case
+from test_kernel import relative_error as kernel_relative_error
 
 from moe_opt import ConfigError, TuneError, fused_moe
-from moe_opt.kernel import fused_moe_reference, quantize_weight_fp8
+from moe_opt.kernel import fused_moe_reference
 from moe_opt.kernel.align import (
     VLLM_SPARSITY_FACTOR,
     vllm_em,
@@ -35,38 +37,14 @@ BIG_M = Config(128, 128, 64, 32, 8, 3)
 
 
 def make_case(dtype_path, M, topk, *, active_experts=E, ep_drop=False, swiglu_limit=None):
-    """Fresh random inputs; experts >= active_experts receive no tokens; ep_drop marks some slots -1."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    x = torch.randn(M, K, generator=gen) * (8 if swiglu_limit else 1)
-    w1 = torch.randn(E, 2 * N, K, generator=gen) / K ** 0.5
-    w2 = torch.randn(E, K, N, generator=gen) / N ** 0.5
-    logits = torch.randn(M, E, generator=gen)
-    logits[:, active_experts:] = -float("inf")
-    topk_weights, topk_ids = logits.softmax(-1).topk(topk)
-    topk_ids = topk_ids.to(torch.int32)
-    if ep_drop:
-        topk_ids[torch.rand(M, topk, generator=gen) < 0.3] = -1
-    kwargs: dict = {"swiglu_limit": swiglu_limit}
-    if dtype_path in ("fp16", "bf16"):
-        dtype = torch.float16 if dtype_path == "fp16" else torch.bfloat16
-        w1, w2 = w1.to(dtype), w2.to(dtype)
-    else:
-        dtype = torch.bfloat16
-        block_shape = [128, 128] if dtype_path == "fp8_block" else None
-        w1, s1 = quantize_weight_fp8(w1, block_shape)
-        w2, s2 = quantize_weight_fp8(w2, block_shape)
-        kwargs.update(block_shape=block_shape, w1_scale=s1, w2_scale=s2)
-    return (x.to(dtype), w1, w2, topk_weights, topk_ids), kwargs
+    """test_kernel's inputs with this file's E (experts >= active_experts receive no tokens; ep_drop marks some
+    slots -1)."""
+    return kernel_case(dtype_path, M, topk, swiglu_limit, "cpu", active_experts=active_experts, ep_drop=ep_drop,
+                       num_experts=E)
 
 
 def relative_error(inputs, kwargs, config, launch):
-    x = inputs[0]
-    out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype)  # poisoned: an unwritten element fails
-    fused_moe(*inputs, config, out=out, launch=launch, **kwargs)
-    ref = fused_moe_reference(*inputs, **kwargs)
-    got = out.double()
-    assert not got.isnan().any(), "some output elements were never written"
-    return ((got - ref).norm() / ref.norm()).item()
+    return kernel_relative_error(inputs, kwargs, config, launch)[0]
 
 
 # (dtype path, M, topk, config, case): the tiny-batch path (M * topk * 4 <= 64) at topk 1..8, odd M, experts

@@ -39,8 +39,9 @@ SWIGLU_LIMIT = 10.0
 
 
 def make_case(dtype_path: str, M: int, topk: int, swiglu_limit: float | None, device: str, *,
-              active_experts: int = 12, ep_drop: bool = False, seed: int | None = None):
-    """Random inputs for one case; experts >= active_experts receive no tokens."""
+              active_experts: int = 12, ep_drop: bool = False, seed: int | None = None, num_experts: int = E):
+    """Random inputs for one case of ``num_experts`` experts; experts >= active_experts receive no tokens."""
+    E = num_experts
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
     x = torch.randn(M, K, generator=gen)
     w1 = torch.randn(E, 2 * N, K, generator=gen) / K ** 0.5
@@ -67,11 +68,12 @@ def make_case(dtype_path: str, M: int, topk: int, swiglu_limit: float | None, de
     return (x.to(device), w1.to(device), w2.to(device), topk_weights.to(device), topk_ids.to(device)), kwargs
 
 
-def relative_error(inputs, kwargs, config):
-    """(relative Frobenius error, reference); fails if any output element was left unwritten (NaN)."""
+def relative_error(inputs, kwargs, config, launch: str = "sglang"):
+    """(relative Frobenius error, reference) of fused_moe under the ``launch`` rules; fails if any output element
+    was left unwritten (NaN)."""
     x = inputs[0]
     out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype, device=x.device)
-    fused_moe(*inputs, config, out=out, **kwargs)
+    fused_moe(*inputs, config, out=out, launch=launch, **kwargs)
     ref = fused_moe_reference(*inputs, **kwargs)
     got = out.double().cpu()
     assert not got.isnan().any(), "some output elements were never written"

@@ -259,8 +259,10 @@ def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measuremen
             trial.set_user_attr(key, value)
         if not m.ok:
             trial.set_user_attr("error", m.error)
-        if strategy.optuna_tell:
-            study.tell(trial, m.latency_us) if m.ok else study.tell(trial, state=TrialState.FAIL)
+        if strategy.optuna_tell and m.ok:
+            study.tell(trial, m.latency_us)
+        elif strategy.optuna_tell:
+            study.tell(trial, state=TrialState.FAIL)
         else:  # one write: Optuna's tell reads the trial back twice first, for hooks this sampler does not have
             state = TrialState.COMPLETE if m.ok else TrialState.FAIL
             if not study._storage.set_trial_state_values(trial._trial_id, state,
