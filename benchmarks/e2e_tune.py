@@ -39,7 +39,14 @@ def main() -> int:
     p.add_argument("--n-trials", type=int, default=None, help="tune()'s n_trials (default: its default)")
     p.add_argument("--storage", default=None, help="tune()'s storage, e.g. journal:studies/x.journal (default: its "
                                                    "default, SQLite)")
+    p.add_argument("--kernel", default="builtin",
+                   help="tune()'s kernel: builtin, or sglang-kernel=DIR / vllm-kernel=DIR (benchmarks/carry_engines.py)")
+    p.add_argument("--batch-sizes", default=None, help="M,M,...: tune()'s batch_sizes (default: its 18)")
     args = p.parse_args()
+    if "=" in args.kernel:  # the folder is read after the chdir below
+        name, folder = args.kernel.split("=", 1)
+        args.kernel = f"{name}={Path(folder).resolve()}"
+    batch_sizes = [int(m) for m in args.batch_sizes.split(",")] if args.batch_sizes else None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
     cache = work / "triton_cache"
     if cache.exists() and any(cache.iterdir()):
@@ -59,7 +66,7 @@ def main() -> int:
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
                           routing=args.routing, n_trials=args.n_trials, tma=None if args.tma == "auto" else False,
-                          storage=args.storage)
+                          storage=args.storage, kernel=args.kernel, batch_sizes=batch_sizes)
     wall_s = time.time() - STARTED
 
     import optuna
@@ -87,6 +94,7 @@ def main() -> int:
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
         "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
         "commit": os.environ.get("MOE_OPT_COMMIT"), "storage": str(result.storage), "tma": args.tma,
+        "kernel": args.kernel, "batch_sizes": args.batch_sizes,
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
