@@ -211,7 +211,7 @@ def test_on_the_gpu_path_configs_are_measured_as_their_compiles_finish(tmp_path)
     slow = Config.from_dict(first.best[1])
     compiled_at: dict[Config, float] = {}
 
-    def scripted_compile(config: Config) -> str | None:
+    def scripted_compile(config: Config, M: int) -> str | None:
         time.sleep(1.5 if config == slow else 0.05)
         compiled_at[config] = time.time()
         if config.num_warps == 8 and config.GROUP_SIZE_M == 64:
@@ -239,6 +239,30 @@ def test_on_the_gpu_path_configs_are_measured_as_their_compiles_finish(tmp_path)
     first_at_1 = min(t for t, M, _ in measured if M == 1)
     assert {M for t, M, _ in measured if t < first_at_1} == {16, 64, 256, 1024, 4096}
     assert r.timings["compiled"] == len(compiled_at) and r.timings["measuring_s"] > 0
+
+
+def test_a_kernel_that_specializes_on_the_batch_size_is_compiled_once_per_batch_size():
+    """An engine's own kernel compiles again per batch size (Triton specializes its EM and num_valid_tokens), so
+    the pool compiles a config once per batch size for it, and once for all batch sizes for the builtin."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_opt.kernel.backend import BuiltinBackend
+    from moe_opt.measure.compile_pool import CompilePool
+
+    class SpecializingBuiltin(BuiltinBackend):  # the builtin's screen and space, with an engine kernel's property
+        specializes_on_m = True
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    config = Config(16, 64, 128, 1, 4, 3)
+    for backend, compiled in ((BuiltinBackend(), [4]), (SpecializingBuiltin(), [1, 8, 64])):
+        calls: list[int] = []
+        with ThreadPoolExecutor(2) as threads:
+            pool = CompilePool(spec, workers=2, shared_memory_bytes=232_448, executor=threads, backend=backend,
+                               compile_fn=lambda c, M: calls.append(M))
+            pool.ensure([(config, 1), (config, 8)])
+            assert [pool.result(config, M) for M in (1, 8, 64)] == [None] * 3
+            assert pool.ready(config, 64) and pool.compiled == len(compiled)
+        assert sorted(calls) == compiled
 
 
 class LuckyOnce(ReplayTable):

@@ -30,8 +30,8 @@ class KernelBackend(Protocol):
         name: "builtin", or an engine's name.
         version: changes whenever what is timed changes (a study measured with one version is not resumed by
             another).
-        specializes_on_m: whether a config compiled at one batch size must compile again at another (then no
-            compile pool compiles ahead; the measurer compiles each config where it runs it).
+        specializes_on_m: whether a config compiled at one batch size must compile again at another (then the
+            compile pool compiles each config per batch size, on the whole shape: measure/compile_pool.py).
         target: the engine whose launch rules and default config it follows ("sglang", "vllm").
         ref: the string that rebuilds it in another process (``get_backend(ref)``): the measuring process and the
             compile workers build the same backend.

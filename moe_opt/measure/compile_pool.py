@@ -1,9 +1,13 @@
 """Compile configs ahead of timing, in a pool of worker processes, so the GPU never waits on the compiler.
 
 Compiling one config (both GEMMs) takes about a second of CPU time, benchmarking it about 20 ms, so compile
-cost dominates a tune. Each worker launches the fused MoE once per config on a small batch; Triton writes the
-binaries to its on-disk cache, where the measuring process finds them. The GEMM kernel does not specialize on
-batch-size-dependent arguments (kernel/gemm.py), so one binary serves every batch size.
+cost dominates a tune. Each worker launches the fused MoE once per config; Triton writes the binaries to its
+on-disk cache, where the measuring process finds them. The builtin GEMM kernel does not specialize on
+batch-size-dependent arguments (kernel/gemm.py), so one launch on a small batch of a shape with few experts
+compiles the binary of every batch size. An engine's own kernel does specialize on them (Triton specializes ints
+on divisibility by 16 and on 1: EM, num_valid_tokens; vLLM's tiny-batch path takes other arguments), so for such
+a backend (``specializes_on_m``) a job is a (config, batch size) and the worker launches the whole shape at that
+batch size, so the measuring process finds exactly the binary it launches.
 
 A config that fails to compile (OutOfResources: shared memory, a compiler error) is reported as a failure
 string, not raised. Configs are first screened by the shared-memory estimate and never compiled if rejected.
@@ -21,6 +25,7 @@ from ..space import Config
 from .base import describe_failure
 
 _worker = None  # (backend, inputs) of this compile worker
+SMALL_M = 4  # the batch size a backend that does not specialize on it compiles at
 
 
 def _init_worker(spec_dict: dict, device: str, backend_name: str) -> None:
@@ -30,24 +35,25 @@ def _init_worker(spec_dict: dict, device: str, backend_name: str) -> None:
     from ..kernel.backend import get_backend
 
     spec = ModelSpec.from_dict(spec_dict)
-    # Few experts are enough: strides (hence the binary) depend on N and K only.
-    small = spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
+    backend = get_backend(backend_name)
+    if not backend.specializes_on_m:
+        # Few experts are enough: strides (hence the binary) depend on N and K only.
+        spec = spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
-    backend = get_backend(backend_name)
-    _worker = backend, backend.make_inputs(small, device, routing_sets=1, seed=0)
+    _worker = backend, backend.make_inputs(spec, device, routing_sets=1, seed=0)
 
 
 def _started() -> None:
     """A task that does nothing: sent once per worker, it makes the pool start (import torch, CUDA context)."""
 
 
-def _compile_one(config: Config) -> str | None:
+def _compile_one(config: Config, M: int) -> str | None:
     import torch
 
     backend, inputs = _worker
     try:
-        backend.call(inputs, config, 4)
+        backend.call(inputs, config, M)
         torch.cuda.synchronize()
         return None
     except Exception as exc:
@@ -62,32 +68,39 @@ def usable_cores() -> int:
         return os.cpu_count() or 2
 
 
-class CompilePool:
-    """A pool of compile workers for one spec. ``compile(configs)`` returns {config: failure or None}.
+Job = tuple[Config, int]  # a config and the batch size it runs at
 
-    Results are remembered, so asking again for a config costs nothing.
+
+class CompilePool:
+    """A pool of compile workers for one spec. A job is a (config, batch size); ``compile(configs, M)`` returns
+    {config: failure or None}.
+
+    Results are remembered, so asking again costs nothing. For a backend that does not specialize on the batch
+    size, one compile serves every batch size: jobs of one config at different batch sizes are one compile.
 
     Example:
         >>> pool = CompilePool(spec, workers=15)  # doctest: +SKIP
-        >>> failures = pool.compile(space.grid(block_k=128))  # doctest: +SKIP
+        >>> failures = pool.compile(space.grid(block_k=128), M=64)  # doctest: +SKIP
     """
 
     def __init__(self, spec: ModelSpec, *, workers: int | None = None, device: str = "cuda",
                  shared_memory_bytes: int | None = None, executor: Executor | None = None,
-                 compile_fn: Callable[[Config], str | None] | None = None, backend: str = "builtin"):
+                 compile_fn: Callable[[Config, int], str | None] | None = None, backend: str = "builtin"):
         """Args:
             spec: the shape whose kernels are compiled.
             workers: processes (default: CPU cores - 2, at most 15).
             device: the CUDA device the workers compile for.
             shared_memory_bytes: the device's per-block limit for the screen (default: asked of the device).
             executor, compile_fn: where and how to compile instead of the worker processes (tests and other
-                backends): ``executor.submit(compile_fn, config)`` must return the failure string or None.
-            backend: the kernel backend's name (kernel/backend.py), which builds the inputs and runs the call.
+                backends): ``executor.submit(compile_fn, config, M)`` must return the failure string or None.
+            backend: the kernel backend's name (kernel/backend.py), which builds the inputs and runs the call;
+                its ``specializes_on_m`` decides whether a compile serves one batch size or all.
         """
         from ..kernel.backend import get_backend
 
         self.spec = spec
         self.backend = get_backend(backend)
+        self.per_batch_size = self.backend.specializes_on_m
         # One core stays free for the measuring process, which launches kernels while workers compile.
         self.workers = workers if workers is not None else max(1, min(15, usable_cores() - 2))
         if shared_memory_bytes is None:
@@ -95,34 +108,39 @@ class CompilePool:
 
             shared_memory_bytes = cuda_graph_info(device).shared_memory_bytes
         self.shared_memory_bytes = shared_memory_bytes
-        self.results: dict[Config, str | None] = {}
-        self._inflight: dict[Config, Future] = {}
+        self.results: dict[Job, str | None] = {}
+        self._inflight: dict[Job, Future] = {}
         self._submitted = 0
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(spec.to_dict(), device, self.backend.ref))
 
-    def ensure(self, configs: Iterable[Config], *, speculative: bool = False) -> None:
-        """Start compiling the configs not compiled or in flight yet.
+    def _key(self, config: Config, M: int) -> Job:
+        """What one compile serves: the config at this batch size, or at every one."""
+        return (config, M) if self.per_batch_size else (config, SMALL_M)
+
+    def ensure(self, jobs: Iterable[Job], *, speculative: bool = False) -> None:
+        """Start compiling the (config, batch size) jobs not compiled or in flight yet.
 
         Speculative submissions (configs the search will likely ask for next) are only made while fewer
         compiles than workers are in flight, so they never queue ahead of configs that are needed now.
         """
         self._sweep()
-        for config in configs:
-            if config in self.results or config in self._inflight:
+        for config, M in jobs:
+            key = self._key(config, M)
+            if key in self.results or key in self._inflight:
                 continue
             if speculative and len(self._inflight) >= self.workers:
                 return
             reason = self.backend.screen(self.spec, config, self.shared_memory_bytes)
             if reason is not None:
-                self.results[config] = reason
+                self.results[key] = reason
                 continue
             try:
-                self._inflight[config] = self._executor.submit(self._compile, config)
+                self._inflight[key] = self._executor.submit(self._compile, *key)
             except RuntimeError:  # a broken pool (a worker died in the compiler): the measurer compiles it itself
-                self.results[config] = None
+                self.results[key] = None
                 continue
             self._submitted += 1
 
@@ -133,46 +151,49 @@ class CompilePool:
 
     @property
     def compiled(self) -> int:
-        """Configs sent to a worker so far (screened-out ones not counted)."""
+        """Compiles sent to a worker so far (screened-out configs not counted)."""
         return self._submitted
 
-    def ready(self, config: Config) -> bool:
-        """Whether ``config``'s compile has finished (or it was screened out): result() will not wait."""
-        future = self._inflight.get(config)
-        return config in self.results or (future is not None and future.done())
+    def ready(self, config: Config, M: int) -> bool:
+        """Whether the compile of ``config`` at batch size M has finished (or it was screened out): result()
+        will not wait."""
+        key = self._key(config, M)
+        future = self._inflight.get(key)
+        return key in self.results or (future is not None and future.done())
 
-    def wait_any(self, configs: Iterable[Config], timeout_s: float | None = None) -> None:
-        """Block until one of ``configs`` is ready (starting the compiles not started yet)."""
-        configs = list(configs)
-        self.ensure(configs)
-        if any(self.ready(c) for c in configs):
+    def wait_any(self, jobs: Iterable[Job], timeout_s: float | None = None) -> None:
+        """Block until one of the jobs is ready (starting the compiles not started yet)."""
+        jobs = list(jobs)
+        self.ensure(jobs)
+        if any(self.ready(c, M) for c, M in jobs):
             return
-        futures = [self._inflight[c] for c in configs if c in self._inflight]
+        futures = [self._inflight[k] for k in (self._key(c, M) for c, M in jobs) if k in self._inflight]
         if futures:
             wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
-    def result(self, config: Config) -> str | None:
-        """Wait until ``config`` is compiled; its failure, or None."""
-        if config not in self.results:
-            self.ensure([config])
-        future = self._inflight.get(config)
+    def result(self, config: Config, M: int) -> str | None:
+        """Wait until ``config`` is compiled for batch size M; its failure, or None."""
+        key = self._key(config, M)
+        if key not in self.results:
+            self.ensure([(config, M)])
+        future = self._inflight.get(key)
         if future is not None:
             future.exception()  # waits
         self._sweep()
-        return self.results[config]
+        return self.results[key]
 
     def _sweep(self) -> None:
         """Move finished compiles from in flight to results. A compile whose worker died (a crash in the
         compiler breaks the whole pool) reports None: the measuring process compiles the config itself."""
-        for done in [c for c, f in self._inflight.items() if f.done()]:
+        for done in [k for k, f in self._inflight.items() if f.done()]:
             future = self._inflight.pop(done)
             self.results[done] = None if future.exception() is not None else future.result()
 
-    def compile(self, configs: Iterable[Config]) -> dict[Config, str | None]:
-        """Compile all configs (in parallel) and return {config: failure or None}."""
+    def compile(self, configs: Iterable[Config], M: int = SMALL_M) -> dict[Config, str | None]:
+        """Compile all configs for batch size M (in parallel) and return {config: failure or None}."""
         configs = list(configs)
-        self.ensure(configs)
-        return {c: self.result(c) for c in configs}
+        self.ensure((c, M) for c in configs)
+        return {c: self.result(c, M) for c in configs}
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

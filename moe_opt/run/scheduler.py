@@ -60,7 +60,7 @@ def measure_one(measurer: Any, pool: Any, config: Config, M: int) -> Measurement
     """Measure one config now: its compile's failure if it has one, else the measurer's result; never raises
     (except TuneError: the measurer itself cannot work)."""
     if pool is not None:
-        failure = compile_failure(pool, config)
+        failure = compile_failure(pool, config, M)
         if failure is not None:
             return Measurement(None, failure)
     try:
@@ -71,11 +71,11 @@ def measure_one(measurer: Any, pool: Any, config: Config, M: int) -> Measurement
         return Measurement(None, describe_failure(exc))
 
 
-def compile_failure(pool: Any, config: Config) -> str | None:
-    """The compile pool's failure for a config, if it is a compile failure. A launch error in a compile worker
-    (one whose CUDA context an earlier config broke) is not: the measurer retries the config."""
+def compile_failure(pool: Any, config: Config, M: int) -> str | None:
+    """The compile pool's failure for a config at batch size M, if it is a compile failure. A launch error in a
+    compile worker (one whose CUDA context an earlier config broke) is not: the measurer retries the config."""
     try:
-        failure = pool.result(config)
+        failure = pool.result(config, M)
     except Exception:  # a broken compile pool: the measurer compiles the config itself
         return None
     return failure if is_compile_failure(failure) else None
@@ -178,13 +178,13 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
             return None
         while pending:
             for M in round_robin(list(pending)):
-                if pool.ready(pending[M].config):
+                if pool.ready(pending[M].config, M):
                     cursor = order.index(M) + 1
                     return pending.pop(M)
             if not block:
                 return None
             t0 = time.perf_counter()
-            pool.wait_any([c.config for c in pending.values()], timeout_s=COMPILE_POLL_S)
+            pool.wait_any([(c.config, c.M) for c in pending.values()], timeout_s=COMPILE_POLL_S)
             times.compile_wait_s += time.perf_counter() - t0
             if flag.stop or out_of_time():
                 return None
@@ -205,7 +205,7 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                                 c = claim(M)
                                 if c is not None:
                                     pending[M] = c
-                                    pool.ensure([c.config])
+                                    pool.ensure([(c.config, M)])
                         if told_since_ahead >= len(order) - len(done):
                             _compile_ahead(pool, studies, strategy, [M for M in order if M not in done])
                             told_since_ahead = 0
@@ -213,7 +213,7 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                         c = next_claim(block=not inflight)
                         if c is None:
                             break
-                        failure = compile_failure(pool, c.config) if pool is not None else None
+                        failure = compile_failure(pool, c.config, c.M) if pool is not None else None
                         if failure is not None:
                             times.compile_failed += 1
                             finish(c, Measurement(None, failure))
@@ -245,9 +245,10 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
 def _compile_ahead(pool: Any, studies: dict[int, optuna.Study], strategy: Strategy, open_ms: list[int]) -> None:
     """Compile what each batch size will likely run next while the GPU measures: the queued configs (warm start,
     retries), then speculatively the search's next likely proposals."""
-    queued = (config_of(t) for M in open_ms for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    pool.ensure(c for c in queued if c is not None)
-    pool.ensure((c for M in open_ms for c in strategy.lookahead(M, LOOKAHEAD)), speculative=True)
+    queued = ((config_of(t), M) for M in open_ms
+              for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    pool.ensure((c, M) for c, M in queued if c is not None)
+    pool.ensure(((c, M) for M in open_ms for c in strategy.lookahead(M, LOOKAHEAD)), speculative=True)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measurement, strategy: Strategy,

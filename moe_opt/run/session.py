@@ -193,8 +193,7 @@ class TuneSession:
         if plan.down_config and not self.pair:
             raise TuneError("down_config=True needs a measurer that times each GEMM on its own (the GPU's CUDA-graph "
                             "timer or the interpreter); a replay table or a measurer of your own times whole calls")
-        if self.pool is None and self.info.kind == "cuda_graph" and not self.parallel \
-                and not self.backend.specializes_on_m:
+        if self.pool is None and self.info.kind == "cuda_graph" and not self.parallel:
             self.pool = self._start_compile_pool()  # a CudaGraphTimer given as measurer=
 
     def _open_own_measurer(self) -> None:
@@ -219,7 +218,7 @@ class TuneSession:
         self._owned.append(self.measurer)
         if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
             self.measurer.start()
-            if self.pool is None and not self.backend.specializes_on_m:
+            if self.pool is None:
                 self.pool = self._start_compile_pool()
 
     def _open_interpreter(self) -> None:
