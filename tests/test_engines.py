@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE  # the GPU where one is present, else the CPU interpreter
 from test_kernel import TOLERANCE  # the kernel tests' bounds, where their derivation is written
 from test_kernel import make_case as kernel_case
 from test_kernel import relative_error as kernel_relative_error
@@ -39,7 +40,7 @@ BIG_M = Config(128, 128, 64, 32, 8, 3)
 def make_case(dtype_path, M, topk, *, active_experts=E, ep_drop=False, swiglu_limit=None):
     """test_kernel's inputs with this file's E (experts >= active_experts receive no tokens; ep_drop marks some
     slots -1)."""
-    return kernel_case(dtype_path, M, topk, swiglu_limit, "cpu", active_experts=active_experts, ep_drop=ep_drop,
+    return kernel_case(dtype_path, M, topk, swiglu_limit, DEVICE, active_experts=active_experts, ep_drop=ep_drop,
                        num_experts=E)
 
 
@@ -228,7 +229,8 @@ def test_vllm_launch_of_group_quantized_int4_stays_aligned_and_matches_the_refer
     w2, s2, _z2 = quantize_weights(torch.randn(E, K, N) / N ** 0.5, "int4_w4a16", group_size=128)
     topk_weights, topk_ids = torch.rand(M, E).softmax(-1).topk(topk)
     kwargs = {"quant_dtype": "int4_w4a16", "block_shape": [0, 128], "w1_scale": s1, "w2_scale": s2}
-    inputs = (x, w1, w2, topk_weights, topk_ids.to(torch.int32))
+    kwargs.update(w1_scale=s1.to(DEVICE), w2_scale=s2.to(DEVICE))
+    inputs = tuple(t.to(DEVICE) for t in (x, w1, w2, topk_weights, topk_ids.to(torch.int32)))
     assert relative_error(inputs, kwargs, Config(16, 32, 64, 1, 4, 2), "vllm") < TOLERANCE["bf16"]
 
 
@@ -304,7 +306,7 @@ def test_engine_source_loads_the_real_file_with_declared_replacements_and_runs_i
     assert src.version == "1.2.3" and src.loaded == ["toyeng/kernels/toy.py"]
     assert src.launch.__module__ == "toyeng.kernels.toy" and src.default_config(4) == {"is_cuda": True, "M": 4}
     assert sys.modules["toyeng.kernels.toy"].__file__ == str(root / "toyeng/kernels/toy.py")
-    x = torch.arange(5, dtype=torch.float32)
+    x = torch.arange(5, dtype=torch.float32, device=DEVICE)
     y = torch.full_like(x, float("nan"))
     src.launch(x, y)  # Triton compiles (here: interprets) the loaded file's own kernel
     assert y.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
@@ -398,7 +400,7 @@ def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_referenc
     x, _, _, topk_weights, topk_ids = inputs
     launch = backend.source.launch
     invoke = sglang_invoke(launch, topk_weights, topk_ids) if engine == "sglang" else vllm_invoke(launch, topk_weights)
-    out = torch.full((M, K), float("nan"), dtype=x.dtype)
+    out = torch.full((M, K), float("nan"), dtype=x.dtype, device=x.device)
     fused_moe(*inputs, MID, out=out, launch=engine, invoke=invoke, **kwargs)
     ref = fused_moe_reference(*inputs, **kwargs)
     assert not out.isnan().any()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterable
 
@@ -111,6 +112,8 @@ class CompilePool:
         self.results: dict[Job, str | None] = {}
         self._inflight: dict[Job, Future] = {}
         self._submitted = 0
+        self.broken: str | None = None  # why the pool stopped compiling, once it has
+        self.launch_failed = False  # a worker could not launch a config (not a compile failure): said once
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -139,7 +142,8 @@ class CompilePool:
                 continue
             try:
                 self._inflight[key] = self._executor.submit(self._compile, *key)
-            except RuntimeError:  # a broken pool (a worker died in the compiler): the measurer compiles it itself
+            except RuntimeError as exc:  # a broken pool (a worker died): the measurer compiles it itself
+                self._broke(exc)
                 self.results[key] = None
                 continue
             self._submitted += 1
@@ -187,7 +191,16 @@ class CompilePool:
         compiler breaks the whole pool) reports None: the measuring process compiles the config itself."""
         for done in [k for k, f in self._inflight.items() if f.done()]:
             future = self._inflight.pop(done)
+            if future.exception() is not None:
+                self._broke(future.exception())
             self.results[done] = None if future.exception() is not None else future.result()
+
+    def _broke(self, exc: BaseException) -> None:
+        """Say once that compiles fall back to the measuring process (a tune goes on, slower: it should be seen)."""
+        if self.broken is None:
+            self.broken = describe_failure(exc)
+            print(f"moe-opt: the compile pool failed ({self.broken}); the measuring process compiles each config "
+                  "itself from now on (slower)", file=sys.stderr, flush=True)
 
     def compile(self, configs: Iterable[Config], M: int = SMALL_M) -> dict[Config, str | None]:
         """Compile all configs for batch size M (in parallel) and return {config: failure or None}."""
