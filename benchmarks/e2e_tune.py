@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--kernel", default="builtin",
                    help="tune()'s kernel: builtin, or sglang-kernel=DIR / vllm-kernel=DIR (benchmarks/carry_engines.py)")
     p.add_argument("--batch-sizes", default=None, help="M,M,...: tune()'s batch_sizes (default: its 18)")
+    p.add_argument("--compile-workers", type=int, default=None, help="tune()'s compile_workers (default: its own)")
     args = p.parse_args()
     if "=" in args.kernel:  # the folder is read after the chdir below
         name, folder = args.kernel.split("=", 1)
@@ -66,7 +67,8 @@ def main() -> int:
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
                           routing=args.routing, n_trials=args.n_trials, tma=None if args.tma == "auto" else False,
-                          storage=args.storage, kernel=args.kernel, batch_sizes=batch_sizes)
+                          storage=args.storage, kernel=args.kernel, batch_sizes=batch_sizes,
+                          compile_workers=args.compile_workers)
     wall_s = time.time() - STARTED
 
     import optuna

@@ -219,6 +219,32 @@ def test_an_interpreter_tune_for_vllm_names_its_studies_and_starts_from_vllms_de
     assert Config.from_dict(study.user_attrs["default_config"]) == vllm_default_config(1, 8, 128, 256, 1, None)
 
 
+def test_a_tune_for_vllm_tunes_one_config_for_both_gemms_and_writes_only_vllms_file(tmp_path):
+    """vLLM runs one config for both GEMMs (no _down file): no pair search, and SGLang's files are not written from
+    timings of vLLM's launch rules; the summary's speedup is over vLLM's default. Asking for the pair is an error."""
+    import dataclasses
+
+    import moe_opt
+    from moe_opt.view.summary import next_steps, summary_text
+
+    spec = ModelSpec.from_shape(num_experts=8, topk=1, hidden_size=256, intermediate_size=128)
+    out = tmp_path / "configs"
+    r = moe_opt.tune(spec=spec, batch_sizes=[1], n_trials=2, storage=f"sqlite:///{tmp_path}/v.db", output_dir=out,
+                     progress=False, target="vllm")
+    assert r.target == "vllm" and r.pairs == {} and list(r.files) == ["vllm"]
+    assert [p.name for p in out.rglob("*.json")] == [r.files["vllm"].name]
+    # What the summary says of such a result on a GPU (the interpreter's says its times are no speedups).
+    gpu = dataclasses.replace(r, is_performance=True, default_latency_us={1: 2 * r.latency_us[1]})
+    assert "geometric-mean speedup over vLLM's default: 2.000x" in summary_text(gpu)
+    steps = "\n".join(next_steps(gpu))
+    assert "VLLM_TUNED_CONFIG_FOLDER" in steps and "SGLANG_MOE_CONFIG_DIR" not in steps
+    with pytest.raises(TuneError, match="down_config=True tunes SGLang's _down file; the target 'vllm' runs one "
+                                        "config for both GEMMs"):
+        moe_opt.tune(spec=spec, batch_sizes=[1], n_trials=1, storage=f"sqlite:///{tmp_path}/w.db", output_dir=None,
+                     progress=False, target="vllm", down_config=True)
+    assert not (tmp_path / "w.db").exists()
+
+
 def test_vllm_launch_of_group_quantized_int4_stays_aligned_and_matches_the_reference():
     """int4_w4a16 with groups never takes the tiny-batch path in vLLM; its trimmed grid still computes every slot."""
     from moe_opt.kernel import quantize_weights
@@ -404,7 +430,7 @@ def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_referenc
     fused_moe(*inputs, MID, out=out, launch=engine, invoke=invoke, **kwargs)
     ref = fused_moe_reference(*inputs, **kwargs)
     assert not out.isnan().any()
-    err = ((out.double() - ref).norm() / ref.norm()).item()
+    err = ((out.double().cpu() - ref.cpu()).norm() / ref.norm()).item()  # the float64 reference is on the CPU
     assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"
 
 

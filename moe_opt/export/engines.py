@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import TuneError
 from ..model.spec import ModelSpec
@@ -106,7 +106,8 @@ def write_vllm(spec: ModelSpec, configs: Mapping[int, Config], output_dir: str |
 
 def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_dir: str | os.PathLike, *,
                        device_name: str, triton_version: str,
-                       sglang_pairs: Mapping[int, ConfigPair] | None = None) -> tuple[dict[str, Path], list[int]]:
+                       sglang_pairs: Mapping[int, ConfigPair] | None = None,
+                       engines: Sequence[str] = ("sglang", "vllm")) -> tuple[dict[str, Path], list[int]]:
     """Write the engines' files, each merged with the file already there: batch sizes it holds that this call
     has no entry for are kept, so a file is only ever replaced by a whole one.
 
@@ -116,6 +117,7 @@ def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_di
             batch size for both GEMMs; SGLang's too when no pairs are given).
         sglang_pairs: {M: ConfigPair} of a pair tune: SGLang's up file gets each pair's up config and its
             ``_down`` file the down config (same BLOCK_SIZE_M).
+        engines: whose files to write ("sglang", "vllm"); a tune for vLLM's launch rules writes vLLM's only.
 
     Returns:
         ({"sglang": path, "vllm": path[, "sglang_down": path]}, the batch sizes kept from the older files).
@@ -136,7 +138,8 @@ def write_engine_files(spec: ModelSpec, configs: Mapping[int, Config], output_di
     files: dict[str, Path] = {}
     planned = [("sglang", up, lambda c: write_sglang(spec, c, output_dir, **kwargs)),
                ("vllm", dict(configs), lambda c: write_vllm(spec, c, output_dir, **kwargs))]
-    if sglang_pairs:
+    planned = [p for p in planned if p[0] in engines]
+    if sglang_pairs and "sglang" in engines:
         planned.append(("sglang_down", {M: p.down for M, p in sglang_pairs.items()},
                         lambda c: write_sglang(spec, c, output_dir, down=True, **kwargs)))
     for kind, entries, write in planned:

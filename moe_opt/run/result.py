@@ -17,8 +17,9 @@ class TuneResult:
     Attributes:
         best: {M: config dict with the six keys} of the fastest measured config that passed the correctness guard.
         latency_us: {M: its latency}.
-        default_latency_us: {M: latency of SGLang's default config}, None where it was not measured.
-        files: {"sglang": path, "vllm": path} of the exported config files (empty if none were written).
+        default_latency_us: {M: latency of the target engine's default config}, None where it was not measured.
+        files: {"sglang": path, "vllm": path[, "sglang_down": path]} of the exported config files (empty if none
+            were written); a tune whose target is vLLM writes vLLM's file only.
         storage: the Optuna storage (URL or object) holding the studies.
         study_names: {M: study name}.
         is_performance: False when the timings came from Triton's CPU interpreter.
@@ -30,6 +31,7 @@ class TuneResult:
             both GEMMs). Empty for a single-config tune; vLLM's file holds ``best``.
         excluded: {M: faster configs the guard excluded, with the reason}.
         notes: things the summary should say (kept entries of an older file, workers that failed, ...).
+        target: the engine the tune was for ("sglang", "vllm"): its launch rules, its default config.
         timings: where the wall time went, in seconds: start_s (to the first trial: studies, warm start, the
             measuring process), search_s (the trial loop), of which measuring_s (waiting for measurements) and
             compile_wait_s (every claimed config still compiling), confirm_s (re-measuring the close contenders),
@@ -54,6 +56,7 @@ class TuneResult:
     worker_errors: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     pairs: dict[int, dict] = field(default_factory=dict)
+    target: str = "sglang"  # the engine whose launch rules were timed and whose default the speedups are over
 
     def speedup(self) -> dict[int, float]:
         """{M: default latency / tuned latency} where the default was measured."""

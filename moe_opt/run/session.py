@@ -43,6 +43,9 @@ DEFAULT_N_TRIALS = 32
 INTERPRETER_BATCH_SIZES = (1, 8, 32)
 INTERPRETER_N_TRIALS = 4
 INTERPRETER_MAX_BATCH_SIZE = 4096  # SGLang's largest; the interpreter needs minutes per config there
+# Whose files a tune writes, by its target: SGLang's tune writes vLLM's file too (the kernels are the same at equal
+# configs where vLLM's launch rules do not differ, docs/engines.md); a tune of vLLM's launch rules is for vLLM only.
+EXPORTED = {"sglang": ("sglang", "vllm"), "vllm": ("vllm",)}
 MEASURE_TIMEOUT_S = 60.0  # one measurement in the isolated process, compile included
 
 
@@ -241,13 +244,17 @@ class TuneSession:
                   "interpreter times, NOT performance numbers.", flush=True)
 
     def _pair(self) -> bool:
-        """Whether to search a config per GEMM: where asked (None: wherever the backend times GEMM1 apart; an
-        engine's fused_experts cannot)."""
+        """Whether to search a config per GEMM: where asked (None: wherever the backend times GEMM1 apart, an
+        engine's fused_experts cannot, and the target engine reads a config per GEMM: SGLang's ``_down`` file;
+        vLLM runs one config for both)."""
         stages = self.backend.times_stages
         if self.plan.down_config and not stages:
             raise TuneError(f"down_config=True needs a kernel that times each GEMM on its own; kernel "
                             f"{self.backend.name!r} runs the engine's whole fused_experts call")
-        return self.plan.down_config is not False and stages
+        if self.plan.down_config and self.backend.target != "sglang":
+            raise TuneError(f"down_config=True tunes SGLang's _down file; the target {self.backend.target!r} runs "
+                            "one config for both GEMMs (accepted with it: down_config=None or False)")
+        return self.plan.down_config is not False and stages and self.backend.target == "sglang"
 
     def _start_compile_pool(self):
         """The compile pool of a GPU tune, its workers started at once (their imports overlap the study set-up)."""
@@ -460,7 +467,7 @@ class TuneSession:
         from .guard import guard_study
 
         result = TuneResult({}, {}, {}, {}, self.storage, {}, self.info.is_performance, self.spec,
-                            interrupted=self.interrupted, worker_errors=self.worker_errors)
+                            interrupted=self.interrupted, worker_errors=self.worker_errors, target=self.backend.target)
         if guard is None and self.plan.guard is not False:
             result.notes.append(f"correctness guard {skipped}")
         empty: dict[int, Any] = {}  # batch sizes without a result and without the guard's reason
@@ -527,10 +534,10 @@ class TuneSession:
         result.files, kept = write_engine_files(self.spec, configs, self.plan.output_dir,
                                                 device_name=self.info.device_name,
                                                 triton_version=self.identity().triton_version,
-                                                sglang_pairs=pairs or None)
+                                                sglang_pairs=pairs or None, engines=EXPORTED[self.backend.target])
         if kept:
             result.notes.append(f"kept M={','.join(map(str, kept))} from the existing "
-                                f"{result.files['sglang'].name} (no result for them in this run)")
+                                f"{next(iter(result.files.values())).name} (no result for them in this run)")
 
     def _timings(self, confirm_s: float, guard_s: float, after_guard_s: float) -> dict[str, float]:
         """Where a tune's wall-clock time went, in seconds (TuneResult.timings)."""

@@ -11,6 +11,7 @@ from ..run.result import TuneResult
 from ..space import Config
 
 REPORT_PATH = "report.html"
+ENGINE_NAMES = {"sglang": "SGLang", "vllm": "vLLM"}  # a target engine as its docs spell it
 
 
 def storage_argument(storage: Any) -> str | None:
@@ -81,8 +82,10 @@ def next_steps(result: TuneResult) -> list[str]:
     if folder is not None:
         where = shlex.quote(str(folder.resolve()))
         if result.is_performance:
-            engines += [f"SGLang: export SGLANG_MOE_CONFIG_DIR={where}   (it reads configs/triton_X_Y_Z/ under it)",
-                        f"vLLM:   export VLLM_TUNED_CONFIG_FOLDER={where}"]
+            if "sglang" in result.files or not result.files:
+                engines.append(f"SGLang: export SGLANG_MOE_CONFIG_DIR={where}   (it reads configs/triton_X_Y_Z/ "
+                               "under it)")
+            engines.append(f"vLLM:   export VLLM_TUNED_CONFIG_FOLDER={where}")
             spec = result.spec
             if spec is not None and spec.model:
                 parallel = f" --tp {spec.tp_size}" + (f" --ep {spec.ep_size}" if spec.ep_size != 1 else "")
@@ -120,7 +123,8 @@ def summary_text(result: TuneResult) -> str:
         lines.append(f"no result at M={','.join(map(str, missing))}")
     g = result.geomean_speedup()
     if g and perf:
-        lines.append(f"geometric-mean speedup over SGLang's default: {g:.3f}x")
+        lines.append(f"geometric-mean speedup over {ENGINE_NAMES[result.target]}'s default: "
+                     f"{g:.3f}x")
     elif g:
         lines.append(f"geometric-mean ratio of interpreter times: {g:.3f}x (says nothing about a GPU)")
     else:
