@@ -214,6 +214,20 @@ def test_quantizers_store_sglangs_layouts_and_dequantize_within_half_a_step(path
         assert ((W - w.double()).abs() <= step * (0.5 + 1e-4)).all()
 
 
+@pytest.mark.parametrize("block_shape", [None, [128, 128]])
+def test_fp8_weights_of_many_experts_quantize_a_few_experts_at_a_time_to_the_same_values(block_shape):
+    """quantize_weight_fp8 bounds its temporaries by quantizing FP8_EXPERTS_AT_ONCE experts at a time; scales are
+    per expert or per block, so the result is the one of quantizing the whole weight at once."""
+    from moe_opt.kernel.quant import FP8_EXPERTS_AT_ONCE, _quantize_weight_fp8, quantize_weight_fp8
+
+    E = 2 * FP8_EXPERTS_AT_ONCE + 3  # two whole chunks and a partial one
+    w = torch.randn(E, 200, 136, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    q, scale = quantize_weight_fp8(w, block_shape)
+    q_all, scale_all = _quantize_weight_fp8(w, block_shape)
+    assert q.shape == q_all.shape and q.dtype == q_all.dtype and scale.shape == scale_all.shape
+    assert torch.equal(q.view(torch.uint8), q_all.view(torch.uint8)) and torch.equal(scale, scale_all)
+
+
 def test_block_size_k_table_follows_sglangs_divisibility_rule():
     assert block_size_k_choices(None) == (64, 128, 256)
     assert block_size_k_choices("fp8_w8a8", [128, 128]) == (64, 128)

@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 
 QUANT_DTYPES = ("fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16")
+FP8_EXPERTS_AT_ONCE = 16  # experts quantized together by quantize_weight_fp8 (bounds its temporaries)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0  # SGLang's per-token int8 scale is max|x| / 127 (int8_kernel.py, per_token_quant_int8)
@@ -89,7 +90,26 @@ def unpack_int4(packed: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def quantize_weight_fp8(w: torch.Tensor, block_shape: Sequence[int] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize float weights (E, rows, cols) to float8_e4m3fn with per-expert or per-block float32 scales."""
+    """Quantize float weights (E, rows, cols) to float8_e4m3fn with per-expert or per-block float32 scales.
+
+    Scales are per expert or per block, so experts are quantized ``FP8_EXPERTS_AT_ONCE`` at a time into the
+    result: the same values, and float32 temporaries of a few experts instead of the whole weight (DeepSeek-V4-Flash
+    TP8's w1 took ~10 GiB of temporaries, which in 14 compile workers starting at once ran an H200 out of memory).
+    """
+    E = w.shape[0]
+    if E <= FP8_EXPERTS_AT_ONCE:
+        return _quantize_weight_fp8(w, block_shape)
+    q0, s0 = _quantize_weight_fp8(w[:FP8_EXPERTS_AT_ONCE], block_shape)
+    q = torch.empty((E, *q0.shape[1:]), dtype=q0.dtype, device=w.device)
+    scale = torch.empty((E, *s0.shape[1:]), dtype=s0.dtype, device=w.device)
+    q[:FP8_EXPERTS_AT_ONCE], scale[:FP8_EXPERTS_AT_ONCE] = q0, s0
+    for start in range(FP8_EXPERTS_AT_ONCE, E, FP8_EXPERTS_AT_ONCE):
+        stop = min(start + FP8_EXPERTS_AT_ONCE, E)
+        q[start:stop], scale[start:stop] = _quantize_weight_fp8(w[start:stop], block_shape)
+    return q, scale
+
+
+def _quantize_weight_fp8(w: torch.Tensor, block_shape: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     E, rows, cols = w.shape
     if block_shape is None:

@@ -43,6 +43,8 @@ def _init_worker(spec_dict: dict, device: str, backend_name: str) -> None:
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     _worker = backend, backend.make_inputs(spec, device, routing_sets=1, seed=0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the weights' quantization temporaries: the other workers need the memory
 
 
 def _started() -> None:
