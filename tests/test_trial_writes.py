@@ -149,16 +149,21 @@ def test_a_trial_written_in_one_transaction_reads_back_as_one_written_through_op
         assert reader._storage.get_trial(ours).params == PARAMS
 
 
+READER = """
+import json, sys, optuna
+study = optuna.load_study(study_name="s", storage=sys.argv[1])
+print(json.dumps([dict(id=t._trial_id, number=t.number, state=t.state.name, values=t.values, params=t.params,
+                       distributions={k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()},
+                       user_attrs=t.user_attrs, system_attrs=t.system_attrs, start=t.datetime_start.isoformat(),
+                       complete=t.datetime_complete.isoformat()) for t in study.get_trials()]))
+"""
+
+
 def test_a_fresh_process_reads_the_same_trial_from_sqlite(tmp_path, far_timezone):
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name="s", storage=open_storage(url))
     ours, theirs = written_here(study, *OUTCOMES[0]), written_by_optuna(study, *OUTCOMES[0])
-    code = ("import json, optuna; s = optuna.load_study(study_name='s', storage=%r); print(json.dumps([dict("
-            "id=t._trial_id, number=t.number, state=t.state.name, values=t.values, params=t.params, "
-            "distributions={k: optuna.distributions.distribution_to_json(d) for k, d in t.distributions.items()}, "
-            "user_attrs=t.user_attrs, system_attrs=t.system_attrs, start=t.datetime_start.isoformat(), "
-            "complete=t.datetime_complete.isoformat()) for t in s.get_trials()]))" % url)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", READER, url], capture_output=True, text=True, check=True,
                          env={**os.environ, "TZ": "UTC"}).stdout
     read = {t.pop("id"): t for t in json.loads(out)}
     for t in read.values():

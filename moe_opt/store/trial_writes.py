@@ -146,10 +146,10 @@ class _Writer:
                                  .with_for_update()).first()
             if found is None:
                 raise KeyError(f"no study with study_id {study_id}")
-            self._check_distributions(conn, study_id, distributions, dists)
             trial_id = conn.execute(trials.insert().values(
                 number=None, study_id=study_id, state=TrialState.RUNNING, datetime_start=self.now(),
                 datetime_complete=None)).inserted_primary_key[0]
+            self._check_distributions(conn, study_id, distributions, dists)  # after the INSERT, as Optuna does
             number = conn.execute(select(func.count(trials.c.trial_id))
                                   .where(trials.c.study_id == study_id, trials.c.trial_id < trial_id)).scalar_one()
             conn.execute(trials.update().where(trials.c.trial_id == trial_id).values(number=number))
