@@ -1,11 +1,12 @@
 """A trial's two writes, each one transaction: created RUNNING with its params and worker stamp, and finished with
 its user attributes, state and value.
 
-Through Optuna's API on an RDB storage (SQLite, PostgreSQL, MySQL) they cost ~35 ms and ~5 ms plus ~3 ms per user
-attribute on SQLite: the ORM queries the trial again for every param and attribute, and once per param looks up
-the study's previous distribution of that name. Here the same rows go into Optuna's own tables with a few plain
-statements of SQLAlchemy Core, encoded by Optuna's own functions and table definitions, so a trial reads back
-through Optuna's API (``load_study(...).get_trials()``, the dashboard) exactly as one that Optuna wrote.
+Through Optuna's API on an RDB storage (SQLite, PostgreSQL, MySQL) they cost ~11 ms, and ~2 ms plus ~1.2 ms per
+user attribute, on SQLite (benchmarks/trial_writes.py, 2 CPU cores): the ORM queries the trial again for every
+param and attribute, and once per param looks up the study's previous distribution of that name. Here the same
+rows go into Optuna's own tables with a few plain statements of SQLAlchemy Core (~1.2 ms and ~1 ms), encoded by
+Optuna's own functions and table definitions, so a trial reads back through Optuna's API
+(``load_study(...).get_trials()``, the dashboard) exactly as one that Optuna wrote.
 
 This is done only for a storage whose schema is the one checked here: an ``RDBStorage`` (or Optuna's
 ``_CachedStorage`` around one) at alembic revision ``v3.2.0.a``, the tables of Optuna 4.x and 5.0
