@@ -173,6 +173,18 @@ def test_a_fresh_process_reads_the_same_trial_from_sqlite(tmp_path, far_timezone
     assert read[ours] == read[theirs]
 
 
+def test_the_dashboard_shows_both_kinds_alike(tmp_path):
+    from optuna_dashboard._serializer import serialize_frozen_trial
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"))
+    ours, theirs = written_here(study, *OUTCOMES[0]), written_by_optuna(study, *OUTCOMES[0])
+    shown = {t._trial_id: serialize_frozen_trial(study._study_id, t, {}) for t in study.get_trials()}
+    for row in shown.values():
+        for key in ("trial_id", "number", "datetime_start", "datetime_complete"):
+            assert row.pop(key) is not None
+    assert shown[ours] == shown[theirs] and shown[ours]["params"]
+
+
 def test_optunas_samplers_best_trial_and_dataframe_work_on_a_study_of_both_kinds(tmp_path):
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"),
                                 sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=2))
