@@ -39,7 +39,8 @@ _writers: weakref.WeakKeyDictionary[Any, _Writer | None] = weakref.WeakKeyDictio
 def create_running_trial(study: optuna.Study, params: dict[str, Any], distributions: dict[str, BaseDistribution],
                          system_attrs: dict[str, Any]) -> int:
     """Create a RUNNING trial of ``params`` (external values, one distribution each) with ``system_attrs``, in one
-    transaction; its number is assigned as Optuna does. Returns the trial id.
+    transaction (through Optuna's template ``create_new_trial`` where the storage is not one checked here); its
+    number is assigned as Optuna does. Returns the trial id.
 
     Example:
         >>> from optuna.distributions import CategoricalDistribution
@@ -62,8 +63,9 @@ def create_running_trial(study: optuna.Study, params: dict[str, Any], distributi
 def finish_trial(study: optuna.Study, trial_id: int, state: TrialState, value: float | None,
                  user_attrs: dict[str, Any]) -> bool:
     """Set a RUNNING trial's ``user_attrs`` (replacing those of the same key), its finished ``state`` and its value
-    (None for none), in one transaction. False, changing nothing, when the trial is no longer RUNNING (another
-    process failed it meanwhile).
+    (None for none), in one transaction. False when the trial is no longer RUNNING (another process failed it
+    meanwhile): then nothing was written (through Optuna's API, on the other storages: the attributes set before
+    it was found failed stay, as they did before this module).
 
     Example:
         >>> study = optuna.create_study(storage="sqlite:///:memory:")
