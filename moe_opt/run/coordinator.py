@@ -47,6 +47,7 @@ from ..store.schema import (
     is_compile_failure,
     is_counted,
 )
+from ..store.trial_writes import create_running_trial
 from .stop import deferred_signals
 
 WORKER_KEY = "moe_opt:worker"  # trial system attribute: who runs the trial
@@ -308,18 +309,13 @@ class Coordinator:
 
 
 def _create_running_trial(study: optuna.Study, config: Config, strategy: Strategy, stamp: dict) -> optuna.Trial:
-    """A RUNNING trial of ``config`` stamped with its worker, created in one storage write (Optuna's ask, six
-    suggests and the stamp are eight: most of a trial's bookkeeping time on SQLite). What is stored is what the ask
-    path stores: the same params (the six, and USE_TMA where the space offers it) and distributions, so readers and
-    Optuna's own tools cannot tell them apart."""
-    import datetime
-
+    """A RUNNING trial of ``config`` stamped with its worker, created in one transaction (store/trial_writes.py;
+    Optuna's ask, six suggests and the stamp are eight, most of a trial's bookkeeping time on SQLite). What is stored
+    is what the ask path stores: the same params (the six, and USE_TMA where the space offers it) and
+    distributions, so readers and Optuna's own tools cannot tell them apart."""
     from ..search.base import distributions
 
     dists = distributions(strategy.choices)
-    template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
-                           datetime_start=datetime.datetime.now(), datetime_complete=None,
-                           params={p: getattr(config, p) for p in dists}, distributions=dists,
-                           user_attrs={}, system_attrs={WORKER_KEY: stamp}, intermediate_values={}, trial_id=-1)
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    params = {p: getattr(config, p) for p in dists}
+    trial_id = create_running_trial(study, params, dists, {WORKER_KEY: stamp})
     return optuna.Trial(study, trial_id)

@@ -29,6 +29,7 @@ from ..search.base import Strategy
 from ..space import Config
 from ..store.results import DOWN_ATTR, UP_ATTR
 from ..store.schema import config_of, is_compile_failure
+from ..store.trial_writes import finish_trial
 from ..view.notes import refresh_study_note
 from .coordinator import BUSY, DONE
 
@@ -260,19 +261,18 @@ def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measuremen
          M: int) -> bool:
     """Record a measurement; False if another process failed the trial meanwhile (its heartbeat looked stale:
     the config is retried, this measurement dropped)."""
+    attrs = dict(m.attrs) if m.ok else {**m.attrs, "error": m.error}
     try:
-        for key, value in m.attrs.items():
-            trial.set_user_attr(key, value)
-        if not m.ok:
-            trial.set_user_attr("error", m.error)
-        if strategy.optuna_tell and m.ok:
-            study.tell(trial, m.latency_us)
-        elif strategy.optuna_tell:
-            study.tell(trial, state=TrialState.FAIL)
-        else:  # one write: Optuna's tell reads the trial back twice first, for hooks this sampler does not have
+        if strategy.optuna_tell:  # the sampler learns in Optuna's tell (its after_trial hook)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            if m.ok:
+                study.tell(trial, m.latency_us)
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+        else:  # one transaction: attributes, state and value (store/trial_writes.py)
             state = TrialState.COMPLETE if m.ok else TrialState.FAIL
-            if not study._storage.set_trial_state_values(trial._trial_id, state,
-                                                         [m.latency_us] if m.ok else None):
+            if not finish_trial(study, trial._trial_id, state, m.latency_us if m.ok else None, attrs):
                 raise UpdateFinishedTrialError(f"trial {trial.number} finished meanwhile")
     except (UpdateFinishedTrialError, ValueError):
         if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
