@@ -434,6 +434,23 @@ def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_referenc
     assert err < TOLERANCE[dtype_path], f"relative Frobenius error {err:.2e}"
 
 
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_an_engine_kernel_offers_no_tma_configs(engine):
+    """The engine's GEMM is launched without TMA here (fused_moe refuses USE_TMA with invoke=): an H200 tune of
+    SGLang's kernel had proposed USE_TMA configs, each a wasted failed trial."""
+    from moe_opt import space
+
+    if not (ENGINE_SOURCES / engine).is_dir():
+        pytest.skip(f"no {ENGINE_SOURCES / engine} (benchmarks/carry_engines.py builds it from the wheel)")
+    backend = get_backend(f"{engine}-kernel={ENGINE_SOURCES / engine}")
+    spec = ModelSpec.from_shape(num_experts=256, topk=6, hidden_size=4096, intermediate_size=256, dtype="fp8_w8a8",
+                                block_shape=[128, 128])
+    assert space.TMA_NAME not in backend.choices(spec, tma=True)
+    assert not any(c.USE_TMA for c in backend.candidates(spec, 232_448, tma=True))
+    tma = Config(16, 64, 128, 1, 4, 3, USE_TMA=True)
+    assert backend.screen(spec, tma, 232_448) == f"Rejected: USE_TMA: kernel {engine}-kernel for {engine} has no TMA path"
+
+
 def test_tune_takes_an_engine_kernel_folder_and_names_a_missing_one_in_one_line(tmp_path, monkeypatch):
     import moe_opt
     from moe_opt.errors import TuneError

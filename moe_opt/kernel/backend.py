@@ -138,7 +138,8 @@ class BuiltinBackend:
 
     def screen(self, spec: ModelSpec, config: Config, shared_memory_bytes: int) -> str | None:
         if config.USE_TMA:
-            why = space.tma_refusal(spec) if self.offers_tma else f"USE_TMA: target {self.target} has no TMA path"
+            why = space.tma_refusal(spec) if self.offers_tma else \
+                f"USE_TMA: kernel {self.name} for {self.target} has no TMA path"
             if why is not None:
                 return f"Rejected: {why}"
         a_bytes, b_bytes = space.operand_bytes(spec.dtype)

@@ -116,6 +116,12 @@ class EngineKernelBackend(BuiltinBackend):
     def ref(self) -> str:
         return f"{self.name}={self.source.root}"
 
+    @property
+    def offers_tma(self) -> bool:  # type: ignore[override]
+        """No: the engine's GEMM is launched here without TMA (SGLang makes its descriptors in its fused_experts,
+        which cannot run without its compiled ops: docs/engines.md; fused_moe refuses USE_TMA with ``invoke=``)."""
+        return False
+
     def unsupported(self, spec: ModelSpec) -> str | None:
         formats = (None, "fp8_w8a8")
         block = spec.dtype != "fp8_w8a8" or spec.block_shape is not None or self.engine == "vllm"
