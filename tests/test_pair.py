@@ -142,3 +142,37 @@ def test_the_note_and_the_summary_name_both_configs_of_an_exported_pair():
     assert "| " + " | ".join(str(v) for v in B.to_dict().values()) + " | 96.00 |" in down_row
     columns = _pair_columns(result_of(study.get_trials(), study.user_attrs))
     assert columns == {"sglang_down": f"down {B}", "pair_us": 96.0}
+
+
+def test_a_pair_tunes_confirm_step_times_each_contender_as_one_whole_call(tmp_path):
+    """A pair tune's measurer times GEMM1's stage apart for every Config, a second CUDA graph per measurement; the
+    confirm step compares whole calls only, so it submits each contender as ConfigPair(c, c), the same call."""
+    from pathlib import Path
+
+    from moe_opt.measure.replay import ReplayTable
+    from moe_opt.run.confirm import confirm
+
+    table_path = str(Path(__file__).resolve().parent.parent / "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv")
+    storage = f"sqlite:///{tmp_path}/c.db"
+    r = moe_opt.tune(replay=table_path, n_trials=6, seed=1, storage=storage, output_dir=None,
+                     progress=False, warm_start=False)
+    studies = {M: optuna.load_study(study_name=name, storage=storage) for M, name in r.study_names.items()}
+    defaults = {M: Config.from_dict(s.user_attrs["default_config"]) for M, s in studies.items()}
+    table = ReplayTable(table_path)
+
+    class Recording:
+        info = table.info
+        asked: list = []
+
+        def measure(self, config, M):
+            self.asked.append(config)
+            return table.measure(config.up if isinstance(config, ConfigPair) else config, M)
+
+    for whole_call in (False, True):
+        Recording.asked = []
+        medians = confirm(studies, Recording(), defaults, whole_call=whole_call)
+        asked = Recording.asked
+        assert asked and all(isinstance(c, ConfigPair) and c.up == c.down for c in asked) == whole_call
+        assert all(isinstance(c, Config) for M in medians for c in medians[M])  # keyed by the contender
+        expected = {M: {c: table.measure(c, M).latency_us for c in medians[M]} for M in medians}
+        assert medians == expected

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..space import Config
+from ..space import Config, ConfigPair
 from ..store.results import CONFIRMED_ATTR
 from ..store.schema import config_of
 from .scheduler import MeasureQueue
@@ -51,12 +51,16 @@ def contenders(study: optuna.Study, confirmed: dict[Config, float], default: Con
 
 def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int, Config], *,
             rounds: int = CONFIRM_ROUNDS, top: int = CONFIRM_TOP, within: float = CONFIRM_WITHIN,
-            max_passes: int = 3) -> dict[int, dict[Config, float]]:
+            max_passes: int = 3, whole_call: bool = False) -> dict[int, dict[Config, float]]:
     """Measure each batch size's contenders ``rounds`` more times; store and return {M: {config: median us}}.
 
     When a contender's fresh median falls behind configs it had beaten, those are measured again in a next
     pass (at most ``max_passes``), so the one exported is the best by fresh measurements among all that could be.
     A contender that fails on re-measurement (a flaky launch) gets no confirmed latency and keeps its trial value.
+
+    ``whole_call``: the measurer times GEMM1's stage apart for every Config (a pair tune's measurer); contenders are
+    then submitted as ``ConfigPair(c, c)``, the same call, which such a measurer times once as a whole: only whole
+    calls are compared here, and the stage's second CUDA graph would double the time this step takes.
 
     Example:
         >>> confirm(studies, measurer, defaults)  # after the search; tune() does this  # doctest: +SKIP
@@ -73,7 +77,7 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
         fresh: dict[tuple[int, Config], list[float]] = {}
         for _ in range(rounds):  # interleaved: drift hits every contender alike
             for M, c in order:
-                queue.submit(c, M)
+                queue.submit(ConfigPair(c, c) if whole_call else c, M)
             for M, c in order:
                 m = queue.collect()
                 if m.ok:
@@ -103,7 +107,6 @@ def confirm_pairs(studies: dict[int, optuna.Study], measurer: Any, *, rounds: in
         >>> confirm_pairs(studies, measurer)  # after confirm(); the session does this  # doctest: +SKIP
         {64: {'up': 12, 'down': 30, 'us': 187.2, 'single_us': 193.1}, ...}
     """
-    from ..space import ConfigPair
     from ..store.results import CONFIRMED_PAIR_ATTR, study_result
 
     queue = MeasureQueue(measurer)

@@ -454,7 +454,7 @@ class TuneSession:
         size's best pair on the whole call against the best single config (confirm_pairs)."""
         from .confirm import confirm
 
-        for M, medians in confirm(self.studies, self.measurer, self.space.defaults).items():
+        for M, medians in confirm(self.studies, self.measurer, self.space.defaults, whole_call=self.pair).items():
             if self.space.defaults[M] in medians:
                 self.studies[M].set_user_attr("default_latency_us", medians[self.space.defaults[M]])
         if self.pair:
