@@ -27,7 +27,7 @@ from moe_opt.space import PARAM_NAMES, Config
 GOAL_2_S = 45.0  # issue 16: all 18 batch sizes of DeepSeek-V4-Flash TP8 on one H200
 GOAL_3_S = 240.0  # issue 16: DeepSeek-V4-Flash at TP 1, 2, 4, 8 in one command on one H200
 # The newest end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered).
-DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma.json"
+DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials.json"
 GOAL_1_P = 0.95
 GOAL_1_TRIALS = 32  # the default n_trials
 
@@ -35,7 +35,7 @@ GOAL_1_TRIALS = 32  # the default n_trials
 def short(config: dict | Config) -> str:
     c = config if isinstance(config, Config) else Config.from_dict(config)
     return "/".join(str(v) for v in (c.BLOCK_SIZE_M, c.BLOCK_SIZE_N, c.BLOCK_SIZE_K, c.GROUP_SIZE_M,
-                                      c.num_warps, c.num_stages))
+                                      c.num_warps, c.num_stages)) + ("/tma" if c.USE_TMA else "")
 
 
 class Grid(ReplayTable):
@@ -79,10 +79,13 @@ def e2e_section(run: dict, tables: dict) -> list[str]:
     device = run["device"]
     grid = next(((name, tbl) for name, (tbl, meta) in tables.items()
                  if meta.get("device") == device and meta.get("spec", {}).get("model") == run["model"]), None)
-    lines = [f"### {device}: `moe-opt tune --model {run['model']} --tp {run['tp_size']}`", "",
-             (f"Recorded {run['date']} by `{run['command']}`; {run['cpu_affinity']} CPU cores usable "
-             f"(of {run['cpu_cores']} on the host), Triton {run['triton']}, torch {run['torch']}, Python "
-             f"{run['python']}; empty `TRITON_CACHE_DIR`, new SQLite study file, all 18 batch sizes x 48 trials."), "",
+    trials = "/".join(map(str, sorted({r["trials"] for r in run["per_batch_size"] if r.get("trials")}))) or "48"
+    pair = " (a config per GEMM, USE_TMA offered)" if run.get("pairs") else ""
+    lines = [f"### {device}: `moe-opt tune --model {run['model']} --tp {run['tp_size']}`{pair}", "",
+             (f"Recorded {run['date']} (commit {run.get('commit') or '?'}) by `{run['command']}`; "
+             f"{run['cpu_affinity']} CPU cores usable (of {run['cpu_cores']} on the host), Triton {run['triton']}, "
+             f"torch {run['torch']}, Python {run['python']}; empty `TRITON_CACHE_DIR`, new SQLite study file, all "
+             f"{len(run['per_batch_size'])} batch sizes x {trials} trials."), "",
              f"**{run['wall_s']:.1f} s** from the script's start to the written config files (imports included); "
              f"the tune itself reported {run['tune_wall_s']:.1f} s: start-up {t['start_s']:.1f} s (studies, warm "
              f"start, the measuring process and compile workers starting), trials {t['search_s']:.1f} s "
@@ -123,6 +126,11 @@ def e2e_section(run: dict, tables: dict) -> list[str]:
     lines += ["", f"Speedup over SGLang's default: {min(speedups):.3f}x to {max(speedups):.3f}x, geometric mean "
               f"**{run['geomean_speedup']:.3f}x**. Latencies are the medians of the re-measurement after the search "
               "(confirm.py), default and tuned config measured in the same pass."
+              + (" The config shown is the best single config (for both GEMMs; `/tma`: USE_TMA), its latency its own;"
+                 " the recorded grid has no USE_TMA configs, so tuned / optimum below 1 at a `/tma` config is TMA's "
+                 "gain (the table was also recorded in another run). What SGLang's up and `_down` files hold at "
+                 f"{sum(p['up'] != p['down'] for p in run['pairs'].values())} of {len(run['per_batch_size'])} batch "
+                 "sizes is a pair, a config per GEMM (the pair section below)." if run.get("pairs") else "")
               + (f" The card's device-to-device copy bandwidth, measured right after the tune: {copy:.0f} GB/s "
                  "(bytes read plus written); GB/s counts the weights of the experts the routing touched, x and the "
                  "output." if copy else "")]
@@ -255,6 +263,7 @@ def main() -> int:
             continue
         shown.add(run["device"])
         lines += e2e_section(run, tables)
+    lines += e2e_section(json.loads((results / DEFAULT_E2E).read_text()), tables)  # the newest, today's defaults
     lines += ["## The recorded grids", "",
               ("Every config of SGLang's space (`space.grid()`: BLOCK_SIZE_K limited to divisors of block_k under "
               "block quantization) compiled, then timed at each batch size listed with the tuner's timer. Configs are "
@@ -274,6 +283,8 @@ def main() -> int:
     lines += sweep_section([json.loads(f.read_text()) for f in sorted(results.glob("sweep_*.json"))])
     parity = [json.loads(f.read_text()) for f in sorted(results.glob("parity_*.json"))]
     lines += parity_section(parity)
+    lines += engine_tunes_section([json.loads(f.read_text())
+                                   for f in sorted((results / "engine_tunes").glob("e2e_*.json"))])
     lines += where_time_goes(e2e)
     lines += ["## Not measured", ""]
     if not parity:
@@ -385,6 +396,47 @@ def parity_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def engine_tunes_section(runs: list[dict]) -> list[str]:
+    """Tunes of an engine's own GEMM kernel (``--kernel sglang-kernel=DIR`` / ``vllm-kernel=DIR``): the tuned config
+    against the engine's own default, both timed in the engine's kernel."""
+    if not runs:
+        return []
+    lines = ["## Tuning the engines' own kernels", "",
+             ("`benchmarks/e2e_tune.py --kernel ENGINE-kernel=.engines/ENGINE` (the engine's GEMM kernel and launch "
+             "function from its wheel's files, in moe_opt's alignment, activation and sum: docs/engines.md), default "
+             "trials, from a cold Triton cache. Speedups are over the engine's own default config (SGLang's "
+             "`get_default_config` or vLLM's), both re-measured in the same pass in the engine's kernel. A vLLM tune "
+             "searches one config for both GEMMs and writes vLLM's file only; an SGLang tune searches a config per "
+             "GEMM."), ""]
+    for run in sorted(runs, key=lambda r: r["kernel"]):
+        engine = run["kernel"].split("-kernel", 1)[0]
+        name = {"sglang": "SGLang", "vllm": "vLLM"}[engine]
+        trials = sorted({r.get("trials") for r in run["per_batch_size"] if r.get("trials")})
+        t = run["timings"]
+        lines += [f"### {run['kernel'].split('=', 1)[0]} on {run['device']}: {run['model']} TP{run['tp_size']}", "",
+                  (f"Recorded {run['date']} (commit {run.get('commit') or '?'}) by `{run['command']}`; Triton "
+                   f"{run['triton']}, torch {run['torch']}; {'/'.join(map(str, trials))} trials per batch size. "
+                   f"**{run['wall_s']:.1f} s** from the script's start: trial loop {t['search_s']:.1f} s (waiting "
+                   f"{t['measuring_s']:.1f} s for the GPU, {t['compile_wait_s']:.1f} s for compiles; "
+                   f"{t['measured']:.0f} measured, {t.get('compiled', 0):.0f} compiles of a (config, batch size): "
+                   f"the engine's kernel is specialized per batch size), re-measuring {t['confirm_s']:.1f} s, guard "
+                   f"{t['guard_s']:.1f} s."), "",
+                  f"| M | tuned config | µs | {name} default µs | speedup |", "| --- | --- | --- | --- | --- |"]
+        speed = []
+        for r in run["per_batch_size"]:
+            d = r.get("default_us")
+            if d:
+                speed.append(d / r["us"])
+            lines.append(f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | {d:.1f} | {d / r['us']:.3f} |" if d
+                         else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
+        split = sum(p["up"] != p["down"] for p in (run.get("pairs") or {}).values())
+        lines += ["", (f"Speedup {min(speed):.3f}x to {max(speed):.3f}x, geometric mean "
+                       f"**{run['geomean_speedup']:.3f}x** over {name}'s default"
+                       + (f"; SGLang's up and `_down` files differ at {split} of {len(run['per_batch_size'])} batch "
+                          "sizes." if run.get("pairs") else ".")), ""]
+    return lines
+
+
 def formats_section(runs: list[dict]) -> list[str]:
     """18-batch-size tunes of the weight formats beyond fp8/bf16."""
     if not runs:
@@ -477,8 +529,9 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "the tune keeps three kinds of work running at once (run/scheduler.py): a pool of compile processes "
              "compiles every batch size's claimed config and the search's likely next ones; the isolated measuring "
              "process times one config while the next waits queued behind it; and the tuning process records the "
-             "last result and claims the next trial meanwhile. The GEMM kernel does not specialize on "
-             "batch-size-dependent arguments, so one binary serves all 18 batch sizes."), "",
+             "last result and claims the next trial meanwhile. The builtin GEMM kernel does not specialize "
+             "on batch-size-dependent arguments, so one binary serves all 18 batch sizes (an engine's own kernel "
+             "does: its compiles are per batch size)."), "",
             (f"In the newest run with the defaults of its day (`{DEFAULT_E2E}`: {run['device']}, a config pair per "
              f"batch size, USE_TMA offered, {t['measured']:.0f} measurements, {t.get('compiled', 0):.0f} compiles) "
              f"the {run['wall_s']:.1f} s were: start-up {t['start_s']:.1f} s; the trial loop {t['search_s']:.1f} s, "
@@ -497,8 +550,15 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "reading every study's queued trials 2.6 s); recording results 3.5 s; waiting on the measuring process "
              "9.5 s. SQLAlchemy's ORM is most of the storage time: a replayed tune of the H200 DeepSeek-V4-Flash table "
              "(6 batch sizes x 48 trials) took 16 s with SQLite and 6 s with a journal file on the 2-core "
-             "development machine. Cutting it further (fewer writes per "
-             "trial, a cheaper storage path, fewer re-measurements in pair mode) is what goal 2 needs next."), ""]
+             "development machine."), "",
+            ("Since that profile (and before the newest run above), a trial is created in one SQLite transaction of "
+             "plain INSERTs and finished in one (store/trial_writes.py; Optuna's API otherwise): on the "
+             "development machine a replayed tune's claim went from 52 to 27 ms and its search from 6.5 to 3.5 s "
+             "(`benchmarks/trial_writes.py`: creating a trial 11.2 -> 1.2 ms, finishing one 5.8 -> 1.0 ms). What "
+             "goal 2 needs next, from the newest run: the re-measuring step (a pair tune's confirm step now times "
+             "each contender once as a whole call instead of also timing GEMM1's stage, not yet re-measured on the "
+             "GPU), the loop's remaining host work per trial (reading the study under the claim lock, the "
+             "surrogate), and the start-up and guard."), ""]
 
 
 if __name__ == "__main__":
