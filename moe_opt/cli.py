@@ -389,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(by default each batch size's best few are timed three more times and ranked by the medians)")
     how.add_argument("--no-down-config", action="store_true",
                      help="tune one config for both GEMMs; by default, where each GEMM can be timed (GPU, CPU "
-                          "interpreter), a config per GEMM is tuned and SGLang's <name>_down.json written beside "
-                          "the up file (docs/tuning.md)")
+                          "interpreter) and the target is SGLang, a config per GEMM is tuned and SGLang's "
+                          "<name>_down.json written beside the up file (docs/tuning.md); vLLM runs one config for both")
     how.add_argument("--no-tma", action="store_true",
                      help="never offer USE_TMA; by default, on a GPU with tensor descriptors (Hopper) and for SGLang, "
                           "each GEMM's TMA loads are a tunable (docs/kernel.md)")
@@ -402,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(docs/kernel.md), or sglang-kernel=DIR / vllm-kernel=DIR: the engine's own GEMM kernel "
                           "from a folder of its files (docs/engines.md)")
     how.add_argument("--target", default=None, choices=["sglang", "vllm"],
-                     help="the engine the configs are for: its launch rules and default config (default sglang for "
-                          "the builtin kernel, the engine itself for an engine's kernel)")
+                     help="the engine the configs are for: its launch rules, its default config (the speedups' "
+                          "baseline) and whose files are written: sglang writes SGLang's and vLLM's, vllm only vLLM's "
+                          "(default sglang for the builtin kernel, the engine itself for an engine's kernel)")
     how.add_argument("--device", default=None, help="CUDA device, e.g. cuda:1")
     how.add_argument("--compile-workers", type=int, default=None,
                      help="processes compiling configs ahead of timing (default: usable CPU cores - 2, at most 15)")
