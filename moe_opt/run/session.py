@@ -339,8 +339,9 @@ class TuneSession:
             attrs = ident.attrs(M, device_name=self.info.device_name, torch_version=meta.get("torch") or
                                 _installed("torch"), description=self.info.description,
                                 is_performance=self.info.is_performance)
+            stored = study.user_attrs  # one read (each .user_attrs is a query of the storage)
             for key, value in attrs.items():
-                if study.user_attrs.get(key) != value:
+                if stored.get(key) != value:
                     study.set_user_attr(key, value)
             self.studies[M] = study
             self.coord.reap(study)  # trials of killed processes: failed and re-enqueued before the warm start
