@@ -265,6 +265,29 @@ def test_a_kernel_that_specializes_on_the_batch_size_is_compiled_once_per_batch_
         assert sorted(calls) == compiled
 
 
+def test_a_compile_pool_that_breaks_says_so_once_and_leaves_compiling_to_the_measurer(capsys):
+    """A compile worker that dies (on the H200: out of GPU memory in its initializer) breaks the whole pool; the
+    tune goes on with the measuring process compiling, which is slower, so it is said, once."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from moe_opt.measure.compile_pool import CompilePool
+
+    def dead(config, M):
+        raise BrokenProcessPool("A process in the initializer failed")
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    configs = [Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 1, 4, 3)]
+    with ThreadPoolExecutor(1) as threads:
+        pool = CompilePool(spec, workers=1, shared_memory_bytes=232_448, executor=threads, compile_fn=dead)
+        assert pool.compile(configs, M=1) == {c: None for c in configs}  # None: the measurer compiles them
+        threads.shutdown()
+        pool.ensure([(Config(16, 32, 128, 1, 4, 3), 1)])  # submit now raises RuntimeError: still no exception
+    assert pool.broken == "BrokenProcessPool: A process in the initializer failed"
+    err = capsys.readouterr().err
+    assert err.count("the compile pool failed") == 1 and "compiles each config itself" in err
+
+
 class LuckyOnce(ReplayTable):
     """The recorded table, except that SGLang's default config at M=64 measures twice as fast the first time: a
     lucky draw, as noise gives one config among 48 on a GPU."""
