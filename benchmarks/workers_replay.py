@@ -21,7 +21,9 @@ once more, its budget spent: that wall time is the cost of starting N workers wi
 Then the kill run: ``--kill-workers`` workers (default 4) whose measurer sleeps ``--kill-measure-s`` per config
 (as a GPU would take time, so the trials interleave and there is a "mid-run"); once one worker process has
 measured ``--kill-after`` trials and holds a running one, it is SIGKILLed. Recorded: what the first run left (counted and Interrupted
-trials per batch size, the worker errors), then the same call again and what it ends with.
+trials per batch size, the worker errors), then the same call again and what it ends with. The kill run's tunes
+skip the confirm step (tune() re-measures the contenders of a measurer passed in, even a table's, whose values
+would only repeat), so their wall times are the search's and the workers' start.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def kill_run(table_path: str, n: int, n_trials: int | None, seed: int, work: Pat
     """Tune with n slowed workers, SIGKILL one once it counted ``kill_after`` trials, then tune again."""
     storage = f"journal:{work}/studies.journal"
     kwargs = {"replay": table_path, "measurer": SlowReplay(table_path, delay_s), "n_workers": n,
-              "n_trials": n_trials, "storage": storage, "output_dir": work / "out", "progress": False, "seed": seed}
+              "n_trials": n_trials, "storage": storage, "output_dir": work / "out", "progress": False, "seed": seed,
+              "confirm": False}  # a measurer of the caller's is re-measured; a table's values would only repeat
     results = []
     t0 = time.perf_counter()
     tune = threading.Thread(target=lambda: results.append(moe_opt.tune(**kwargs)))
