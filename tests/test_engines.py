@@ -410,16 +410,32 @@ def test_fused_moe_launches_its_gemms_through_invoke():
 ENGINE_SOURCES = Path(__file__).resolve().parent.parent / ".engines"
 
 
+@pytest.fixture
+def engine_backend():
+    """get_backend for ENGINE-kernel=.engines/ENGINE (skipped where .engines/ is not built); the engine's modules it
+    put in sys.modules are removed afterwards, so later tests that look for an installed engine do not find them."""
+    before = set(sys.modules)
+
+    def load(engine: str):
+        if not (ENGINE_SOURCES / engine).is_dir():
+            pytest.skip(f"no {ENGINE_SOURCES / engine} (benchmarks/carry_engines.py builds it from the wheel)")
+        return get_backend(f"{engine}-kernel={ENGINE_SOURCES / engine}")
+
+    yield load
+    for m in set(sys.modules) - before:
+        if m.split(".")[0] in ("sglang", "vllm"):
+            del sys.modules[m]
+
+
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 @pytest.mark.parametrize("dtype_path,M,topk", [("fp16", 5, 2), ("fp16", 1, 4), ("fp8_block", 40, 4)])
-def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_reference(engine, dtype_path, M, topk):
+def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_reference(engine, dtype_path, M, topk,
+                                                                                   engine_backend):
     """With .engines/ built from the real wheels: SGLang's invoke_fused_moe_kernel and vLLM's
     invoke_fused_moe_triton_kernel (its tiny-batch path at M=1: 1 * 4 * 4 <= 64) on the interpreter."""
     from moe_opt.kernel.engine_kernels import EngineKernelBackend, sglang_invoke, vllm_invoke
 
-    if not (ENGINE_SOURCES / engine).is_dir():
-        pytest.skip(f"no {ENGINE_SOURCES / engine} (benchmarks/carry_engines.py builds it from the wheel)")
-    backend = get_backend(f"{engine}-kernel={ENGINE_SOURCES / engine}")
+    backend = engine_backend(engine)
     assert isinstance(backend, EngineKernelBackend) and backend.name == f"{engine}-kernel"
     assert backend_key(backend).startswith(f"{engine}-kernel@") and backend.target == engine
     inputs, kwargs = make_case(dtype_path, M, topk)
@@ -435,14 +451,12 @@ def test_the_engines_own_kernels_in_moe_opts_pipeline_match_the_float64_referenc
 
 
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
-def test_an_engine_kernel_offers_no_tma_configs(engine):
+def test_an_engine_kernel_offers_no_tma_configs(engine, engine_backend):
     """The engine's GEMM is launched without TMA here (fused_moe refuses USE_TMA with invoke=): an H200 tune of
     SGLang's kernel had proposed USE_TMA configs, each a wasted failed trial."""
     from moe_opt import space
 
-    if not (ENGINE_SOURCES / engine).is_dir():
-        pytest.skip(f"no {ENGINE_SOURCES / engine} (benchmarks/carry_engines.py builds it from the wheel)")
-    backend = get_backend(f"{engine}-kernel={ENGINE_SOURCES / engine}")
+    backend = engine_backend(engine)
     spec = ModelSpec.from_shape(num_experts=256, topk=6, hidden_size=4096, intermediate_size=256, dtype="fp8_w8a8",
                                 block_shape=[128, 128])
     assert space.TMA_NAME not in backend.choices(spec, tma=True)
