@@ -285,6 +285,7 @@ def main() -> int:
     lines += parity_section(parity)
     lines += engine_tunes_section([json.loads(f.read_text())
                                    for f in sorted((results / "engine_tunes").glob("e2e_*.json"))])
+    lines += workers_section([json.loads(f.read_text()) for f in sorted(results.glob("workers_replay_*.json"))])
     lines += where_time_goes(e2e)
     lines += ["## Not measured", ""]
     if not parity:
@@ -294,7 +295,8 @@ def main() -> int:
     lines += [
               ("- Full grids on an H100 at six batch sizes: only M = 1 and 16 of DeepSeek-V4-Flash were recorded on "
               "one (see the tables' notes); the end-to-end runs are on the H100."),
-              "- `--workers N` on a multi-GPU host (tested on the CPU with four processes and PostgreSQL).", ""]
+              "- `--workers N` on a multi-GPU host (issue 18: no machine with several GPUs was lent; replay mode "
+              "above, PostgreSQL and kill tests in tests/test_workers.py).", ""]
     text = "\n".join(lines).rstrip() + "\n"
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
@@ -434,6 +436,37 @@ def engine_tunes_section(runs: list[dict]) -> list[str]:
                        f"**{run['geomean_speedup']:.3f}x** over {name}'s default"
                        + (f"; SGLang's up and `_down` files differ at {split} of {len(run['per_batch_size'])} batch "
                           "sizes." if run.get("pairs") else ".")), ""]
+    return lines
+
+
+def workers_section(runs: list[dict]) -> list[str]:
+    """Issue 18's CPU part: tune(n_workers=N) in replay mode (benchmarks/workers_replay.py)."""
+    if not runs:
+        return []
+    lines = ["## Several workers, in replay mode (issue 18's CPU part)", ""]
+    for run in runs:
+        k = run["kill"]
+        lines += [(f"`{run['command']}` on a {run['machine']['cpu_cores']}-core CPU without a GPU, replaying "
+                   f"`{Path(run['table']).name}` ({run['table_device']}), {run['n_trials']} trials per batch size at "
+                   f"{len(run['batch_sizes'])} batch sizes, {len(run['seeds'])} seeds per worker count, a fresh journal "
+                   f"each run; recorded {run['date']} (commit {run.get('commit') or '?'}). It measures "
+                   f"{run['measures']}. No machine with several GPUs was lent, so the GPU run of issue 18 has not "
+                   "run."), "",
+                  ("| workers | wall s (median) | budget met | duplicates | same config as 1 worker | runs with all "
+                   "within 1% of 1 worker | worst vs 1 worker |"), "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in run["summary"]:
+            lines.append(f"| {r['workers']} | {r['wall_s_median']:.1f} | {'yes' if r['budget_met'] else 'no'} | "
+                         f"{r['duplicates']} | {r['same_configs_as_1_worker']} of {r['configs']} | "
+                         f"{r['runs_all_within_1pct_of_1_worker']} of {r['seeds']} | {r['worst_vs_1_worker']:.4f} |")
+        lines += ["", (f"Beyond 1% of the 1-worker run: {'; '.join(run['beyond_1pct_of_1_worker']) or 'none'}. "
+                       "Workers propose without the results still being measured elsewhere, so a parallel search "
+                       "sees less per proposal than a serial one with the same budget.") , "",
+                  (f"Kill run: {k['workers']} workers, {k['measure_s']} s per replayed measurement; "
+                   f"{k['killed']['worker']} SIGKILLed at {k['killed']['at_s']:.1f} s holding a trial (after "
+                   f"{k['killed']['counted_trials_before_kill']} counted); the others finished the budget "
+                   f"({k['first']['wall_s']:.1f} s; {'; '.join(k['first']['worker_errors'])}); the same call again "
+                   f"found every batch size at its budget ({k['rerun']['wall_s']:.1f} s). docs/operations.md has the "
+                   "details."), ""]
     return lines
 
 
