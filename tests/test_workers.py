@@ -63,6 +63,11 @@ def test_four_workers_on_a_journal_share_the_budget_without_duplicates(tmp_path,
     assert sorted(result.best) == [1, 16, 64, 256, 1024, 4096] and result.files["sglang"].exists()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "locked" not in err
+    # The same call again: the budget is spent, so no worker is started (each would import torch for nothing).
+    again = moe_opt.tune(replay=TABLE, measurer=SlowReplay(TABLE), n_workers=4, n_trials=10, storage=storage,
+                         output_dir=tmp_path / "out", progress=False)
+    assert "every batch size already has its 10 trials: no worker was started" in again.notes
+    assert again.best == result.best and again.trials_used == result.trials_used
 
 
 def test_several_workers_default_to_a_journal_and_refuse_sqlite(tmp_path, monkeypatch, capsys):

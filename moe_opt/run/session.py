@@ -128,6 +128,7 @@ class TuneSession:
         self.pair = False  # searching a config per GEMM (decided with the measurer)
         self.offers_tma = False  # the candidate space offers USE_TMA (decided with the space)
         self.worker_errors: list[str] = []
+        self.idle_note: str | None = None  # why no worker process was started (a search with nothing left)
         self._marks: dict[str, float] = {}
 
     @property
@@ -376,7 +377,9 @@ class TuneSession:
 
         plan = self.plan
         self._marks["search"] = time.perf_counter()
-        if self.parallel:
+        if self.parallel and not self._budget_left():
+            self.idle_note = f"every batch size already has its {self.n_trials} trials: no worker was started"
+        elif self.parallel:
             from .workers import run_workers
 
             self.interrupted, self.worker_errors = run_workers(run_worker, self._worker_plan(), self.devices,
@@ -389,6 +392,11 @@ class TuneSession:
                 stop=self.worker.stop if self.worker is not None else None, times=self.times)
         self._marks["searched"] = time.perf_counter()
         return self.interrupted
+
+    def _budget_left(self) -> bool:
+        """Whether some batch size has fewer than n_trials counted trials (N workers take seconds to start)."""
+        return any(sum(map(is_counted, study.get_trials(deepcopy=False))) < self.n_trials
+                   for study in self.studies.values())
 
     def _worker_plan(self) -> TunePlan:
         """The plan each worker process runs a session's search with (it builds its own measurer)."""
@@ -469,6 +477,8 @@ class TuneSession:
 
         result = TuneResult({}, {}, {}, {}, self.storage, {}, self.info.is_performance, self.spec,
                             interrupted=self.interrupted, worker_errors=self.worker_errors, target=self.backend.target)
+        if self.idle_note:
+            result.notes.append(self.idle_note)
         if guard is None and self.plan.guard is not False:
             result.notes.append(f"correctness guard {skipped}")
         empty: dict[int, Any] = {}  # batch sizes without a result and without the guard's reason
