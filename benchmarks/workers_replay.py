@@ -103,8 +103,9 @@ def best_rows(result, table: ReplayTable, baseline: dict | None) -> dict:
 
 def one_run(table_path: str, n: int, n_trials: int | None, seed: int, work: Path, baseline: dict | None,
             idle_rerun: bool) -> dict:
-    """One tune; with ``idle_rerun`` the same call again, whose budget is spent: its wall time is what starting
-    the N workers (spawn, imports, loading the journal) costs with nothing to measure."""
+    """One tune; with ``idle_rerun`` the same call again, whose budget is spent: its wall time was what starting
+    the N workers (spawn, imports, loading the journal) cost with nothing to measure, until such a call stopped
+    starting them (the record at ef5a4fa holds the old figure; now it is the studies' reading alone)."""
     storage = f"journal:{work}/studies.journal"
     kwargs = {"replay": table_path, "n_workers": n, "n_trials": n_trials, "storage": storage,
               "output_dir": work / "out", "progress": False, "seed": seed}
