@@ -43,8 +43,9 @@ class MoeInputs:
             del w2
             self.kwargs.update(block_shape=spec.block_shape, w1_scale=s1 / K ** 0.5, w2_scale=s2 / N ** 0.5)
         elif spec.dtype is not None:  # the other formats (kernel/quant.py), from weights of unit output scale
-            w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.float32) / K ** 0.5
-            w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=torch.float32) / N ** 0.5
+            # In place: no second copy of a whole weight (compile workers build these at once: kernel/quant.py)
+            w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.float32).div_(K ** 0.5)
+            w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=torch.float32).div_(N ** 0.5)
             quantized = [quantize_weights(w, spec.dtype, per_channel_quant=spec.per_channel_quant,
                                           group_size=spec.group_size, zero_point=spec.has_zero_point,
                                           block_shape=spec.block_shape if spec.group_size is None else None,
@@ -54,8 +55,8 @@ class MoeInputs:
             self.kwargs.update(quant_dtype=spec.dtype, per_channel_quant=spec.per_channel_quant,
                                block_shape=spec.block_shape, w1_scale=s1, w2_scale=s2, w1_zp=z1, w2_zp=z2)
         else:
-            self.w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=dtype) / K ** 0.5
-            self.w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=dtype) / N ** 0.5
+            self.w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=dtype).div_(K ** 0.5)
+            self.w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=dtype).div_(N ** 0.5)
         self._per_m: dict[int, tuple] = {}
 
     def for_batch(self, M: int) -> tuple:
