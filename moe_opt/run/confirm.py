@@ -116,7 +116,8 @@ def confirm_pairs(studies: dict[int, optuna.Study], measurer: Any, *, rounds: in
         pair, best = result.pair, result.best
         if pair is None or best is None or pair.up == pair.down == best.config:
             continue
-        plan[M] = (pair, ConfigPair(pair.up, pair.down), best.config)
+        # The single config as ConfigPair(c, c): the same call, timed as one whole call (confirm's whole_call).
+        plan[M] = (pair, ConfigPair(pair.up, pair.down), ConfigPair(best.config, best.config))
     fresh: dict[tuple[int, str], list[float]] = {}
     for _ in range(rounds):
         order = [(M, kind, c) for M, (_, both, single) in plan.items() for kind, c in (("pair", both), ("single", single))]
