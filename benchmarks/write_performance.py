@@ -589,8 +589,8 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "development machine a replayed tune's claim went from 52 to 27 ms and its search from 6.5 to 3.5 s "
              "(`benchmarks/trial_writes.py`: creating a trial 11.2 -> 1.2 ms, finishing one 5.8 -> 1.0 ms). What "
              "goal 2 needs next, from the newest run: the re-measuring step (a pair tune's confirm step now times "
-             "each contender once as a whole call instead of also timing GEMM1's stage, not yet re-measured on the "
-             "GPU), the loop's remaining host work per trial (reading the study under the claim lock, the "
+             "each contender, and the best single config beside the pair, once as a whole call instead of also "
+             "timing GEMM1's stage in a second CUDA graph; not yet re-measured on the GPU), the loop's remaining host work per trial (reading the study under the claim lock, the "
              "surrogate), and the start-up and guard."), ""]
 
 
