@@ -288,6 +288,24 @@ def test_a_compile_pool_that_breaks_says_so_once_and_leaves_compiling_to_the_mea
     assert err.count("the compile pool failed") == 1 and "compiles each config itself" in err
 
 
+def test_a_compile_worker_that_cannot_launch_configs_says_so_once_and_the_measurer_retries_them(capsys):
+    """A launch error in a worker (not a compile failure) is no reason to fail the trial: compile_failure reports
+    none and the measuring process compiles the config; the fallback is said once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_opt.measure.compile_pool import CompilePool
+    from moe_opt.run.scheduler import compile_failure
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    configs = [Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 1, 4, 3)]
+    with ThreadPoolExecutor(1) as threads:
+        pool = CompilePool(spec, workers=1, shared_memory_bytes=232_448, executor=threads,
+                           compile_fn=lambda c, M: "RuntimeError: CUDA error: an illegal memory access")
+        assert [compile_failure(pool, c, 1) for c in configs] == [None, None]
+    assert pool.launch_failed == "RuntimeError: CUDA error: an illegal memory access"
+    assert capsys.readouterr().err.count("a compile worker could not launch") == 1
+
+
 class LuckyOnce(ReplayTable):
     """The recorded table, except that SGLang's default config at M=64 measures twice as fast the first time: a
     lucky draw, as noise gives one config among 48 on a GPU."""

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from ..model.spec import ModelSpec
 from ..space import Config
+from ..store.schema import is_compile_failure
 from .base import describe_failure
 
 _worker = None  # (backend, inputs) of this compile worker
@@ -115,7 +116,7 @@ class CompilePool:
         self._inflight: dict[Job, Future] = {}
         self._submitted = 0
         self.broken: str | None = None  # why the pool stopped compiling, once it has
-        self.launch_failed = False  # a worker could not launch a config (not a compile failure): said once
+        self.launch_failed: str | None = None  # the first launch error of a worker (not a compile failure)
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -196,6 +197,13 @@ class CompilePool:
             if future.exception() is not None:
                 self._broke(future.exception())
             self.results[done] = None if future.exception() is not None else future.result()
+            failure = self.results[done]
+            if failure is not None and not is_compile_failure(failure) and self.launch_failed is None:
+                # A worker whose CUDA context an earlier config broke, or inputs it cannot launch: the measuring
+                # process compiles such configs (compile_failure() does not report them), slower: said once.
+                self.launch_failed = failure
+                print(f"moe-opt: a compile worker could not launch {done[0]} at M={done[1]} ({failure}); the "
+                      "measuring process compiles such configs itself", file=sys.stderr, flush=True)
 
     def _broke(self, exc: BaseException) -> None:
         """Say once that compiles fall back to the measuring process (a tune goes on, slower: it should be seen)."""

@@ -13,7 +13,6 @@ interpreter) a trial is claimed just before it is measured, round-robin, one bat
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -80,10 +79,6 @@ def compile_failure(pool: Any, config: Config, M: int) -> str | None:
         failure = pool.result(config, M)
     except Exception:  # a broken compile pool: the measurer compiles the config itself
         return None
-    if failure is not None and not is_compile_failure(failure) and not pool.launch_failed:
-        pool.launch_failed = True  # said once: from here on such configs compile in the measuring process (slower)
-        print(f"moe-opt: a compile worker could not launch {config} at M={M} ({failure}); the measuring process "
-              "compiles such configs itself", file=sys.stderr, flush=True)
     return failure if is_compile_failure(failure) else None
 
 
