@@ -398,6 +398,17 @@ def parity_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def tuned_rows(rows: list[dict], engine: str) -> list[str]:
+    """A table of per-batch-size rows of an e2e_tune record: the tuned config, its µs, the engine's default's µs,
+    the speedup."""
+    lines = [f"| M | tuned config | µs | {engine} default µs | speedup |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        d = r.get("default_us")
+        lines.append(f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | {d:.1f} | {d / r['us']:.3f} |" if d
+                     else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
+    return lines
+
+
 def engine_tunes_section(runs: list[dict]) -> list[str]:
     """Tunes of an engine's own GEMM kernel (``--kernel sglang-kernel=DIR`` / ``vllm-kernel=DIR``): the tuned config
     against the engine's own default, both timed in the engine's kernel."""
@@ -423,14 +434,8 @@ def engine_tunes_section(runs: list[dict]) -> list[str]:
                    f"{t['measured']:.0f} measured, {t.get('compiled', 0):.0f} compiles of a (config, batch size): "
                    f"the engine's kernel is specialized per batch size), re-measuring {t['confirm_s']:.1f} s, guard "
                    f"{t['guard_s']:.1f} s."), "",
-                  f"| M | tuned config | µs | {name} default µs | speedup |", "| --- | --- | --- | --- | --- |"]
-        speed = []
-        for r in run["per_batch_size"]:
-            d = r.get("default_us")
-            if d:
-                speed.append(d / r["us"])
-            lines.append(f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | {d:.1f} | {d / r['us']:.3f} |" if d
-                         else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
+] + tuned_rows(run["per_batch_size"], name)
+        speed = [r["default_us"] / r["us"] for r in run["per_batch_size"] if r.get("default_us")]
         split = sum(p["up"] != p["down"] for p in (run.get("pairs") or {}).values())
         lines += ["", (f"Speedup {min(speed):.3f}x to {max(speed):.3f}x, geometric mean "
                        f"**{run['geomean_speedup']:.3f}x** over {name}'s default"
@@ -486,12 +491,7 @@ def formats_section(runs: list[dict]) -> list[str]:
         lines += [f"### {run['device']}: {run['model']} TP{run['tp_size']}, {spec['dtype']}{group}", "",
                   (f"Recorded {run['date']} by `{run['command']}`; Triton {run['triton']}, torch {run['torch']}; "
                   f"E={spec['E']}, N={spec['N']}, K={spec['K']}, topk={spec['topk']}. **{run['wall_s']:.1f} s** from "
-                  f"the script's start."), "",
-                  "| M | tuned config | µs | SGLang default µs | speedup |", "| --- | --- | --- | --- | --- |"]
-        for r in rows:
-            d = r.get("default_us")
-            lines.append(f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | {d:.1f} | {d / r['us']:.3f} |" if d
-                         else f"| {r['M']} | {short(r['config'])} | {r['us']:.1f} | — | — |")
+                  f"the script's start."), ""] + tuned_rows(rows, "SGLang")
         lines += ["", f"Speedup {min(speed):.3f}x to {max(speed):.3f}x, geometric mean **{run['geomean_speedup']:.3f}x**.",
                   ""]
     return lines
