@@ -12,6 +12,14 @@ from ..space import Config, ConfigPair
 from .fused_moe import fused_moe
 from .quant import quantize_weight_fp8, quantize_weights
 
+PER_M_BYTES = 1 << 30  # activations, routing and outputs kept resident across batch sizes
+
+
+def _nbytes(tensors) -> int:
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    return sum(_nbytes(t) for t in tensors)
+
 
 class MoeInputs:
     """Random inputs for one spec on one device: weights once, activations and routing per batch size.
@@ -58,6 +66,7 @@ class MoeInputs:
             self.w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=dtype).div_(K ** 0.5)
             self.w2 = torch.randn(E, K, N, generator=gen, device=self.device, dtype=dtype).div_(N ** 0.5)
         self._per_m: dict[int, tuple] = {}
+        self._active: dict[int, float] = {}
 
     def for_batch(self, M: int) -> tuple:
         """(x, [(topk_weights, topk_ids), ...], out) for batch size M; cached."""
@@ -67,12 +76,21 @@ class MoeInputs:
             x = torch.randn(M, spec.K, generator=gen, device=self.device, dtype=spec.activation_dtype)
             routing = [self._route(M, gen, self.device) for _ in range(self.routing_sets)]
             out = torch.empty(M, spec.K, device=self.device, dtype=spec.activation_dtype)
-            self._per_m = {M: (x, routing, out)}  # keep one batch size resident: weights dominate memory
+            self._per_m[M] = (x, routing, out)
+            # A tune measures its batch sizes round-robin: keep them all, unless they outgrow PER_M_BYTES (the
+            # weights are what must fit); the oldest go first. Same seed, same draws when one is built again.
+            while len(self._per_m) > 1 and sum(_nbytes(v) for v in self._per_m.values()) > PER_M_BYTES:
+                oldest = next(iter(self._per_m))
+                del self._per_m[oldest]
+                self._active.pop(oldest, None)
         return self._per_m[M]
 
     def active_experts(self, M: int) -> float:
-        _, routing, _ = self.for_batch(M)
-        return statistics.mean(len(torch.unique(ids)) for _, ids in routing)
+        """Mean number of experts the routing draws at batch size M touch (one device sync, once per M)."""
+        if M not in self._active:
+            _, routing, _ = self.for_batch(M)
+            self._active[M] = statistics.mean(len(torch.unique(ids)) for _, ids in routing)
+        return self._active[M]
 
     def call(self, config: Config | ConfigPair, M: int, routing_index: int = 0, *, up_only: bool = False) -> torch.Tensor:
         """One fused-MoE call at batch size M with the ``routing_index``-th routing draw; a ConfigPair runs each

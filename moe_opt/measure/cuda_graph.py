@@ -60,6 +60,9 @@ class CudaGraphTimer:
         l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
         self._flush = torch.empty(2 * l2_bytes, dtype=torch.uint8, device=self.device)
         self.info = cuda_graph_info(self.device, calls_per_graph, replays)
+        with torch.cuda.device(self.device):
+            self._stream = torch.cuda.Stream()  # the capture stream, one for every graph
+            self._pool = _GraphPool(self.device)
 
     def measure(self, config: Config | ConfigPair, M: int) -> Measurement:
         try:
@@ -106,15 +109,20 @@ class CudaGraphTimer:
         captured in one CUDA graph, the L2 flushed before each replay."""
         call()  # compiles (or loads from Triton's cache) outside the graph
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             call()  # warm-up on the capture stream, as torch.cuda.graphs asks
+            # capture_begin, not torch.cuda.graph(): that one empties the allocator's cache before every capture,
+            # so each measurement paid cudaFree and cudaMalloc again for every buffer (_GraphPool says why not).
+            graph.capture_begin(pool=self._pool.id)
+            try:
+                for i in range(self.calls_per_graph):
+                    call(routing_index=i)
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            for i in range(self.calls_per_graph):
-                call(routing_index=i)
         graph.replay()
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
@@ -128,4 +136,32 @@ class CudaGraphTimer:
             end.synchronize()
             times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
         del graph
+        self._pool.trim()
         return statistics.median(times_us), times_us
+
+
+class _GraphPool:
+    """One memory pool for every graph this timer captures, one graph alive at a time: the buffers a capture
+    allocates are reused by the next instead of being freed to the driver and allocated again.
+
+    A pool whose last graph is gone cannot take a new capture (the caching allocator asserts), so the timer holds
+    a ``torch.cuda.MemPool`` that keeps it open. Different batch sizes leave different buffers behind; once the
+    process holds ``limit_bytes`` more than when it started, the pool is replaced and the cache emptied, so compile
+    workers on the same GPU keep their memory.
+    """
+
+    def __init__(self, device: torch.device, limit_bytes: int = 4 << 30):
+        self.device = device
+        self.limit_bytes = limit_bytes
+        self._base = torch.cuda.memory_reserved(device)
+        self._open()
+
+    def _open(self) -> None:
+        self._mempool = torch.cuda.MemPool()
+        self.id = self._mempool.id
+
+    def trim(self) -> None:
+        if torch.cuda.memory_reserved(self.device) - self._base > self.limit_bytes:
+            del self._mempool
+            torch.cuda.empty_cache()
+            self._open()

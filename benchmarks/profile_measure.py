@@ -1,0 +1,152 @@
+"""Where a measurement's time goes in the measuring process, and what the timer's changes bought (GPU).
+
+    PYTHONPATH=. python benchmarks/profile_measure.py --json $OUT/profile_measure.json --profile $OUT/measure.txt
+
+A tune's measuring process times its configs round-robin over the batch sizes, each config once per batch size,
+most of them for the first time in that process. This compiles ``--configs`` sampled candidates of the shape in a
+compile pool (cold Triton cache, as a tune), then measures them in the tune's order with two timers on the same
+GPU, interleaved call by call: ``CudaGraphTimer`` as it is, and the timer as it was (``torch.cuda.graph`` around
+each capture, which empties the allocator's cache every time, and inputs rebuilt whenever the batch size
+changes). It records the wall time per measurement of each (the first measurement of a config apart: it loads
+the kernel), their latencies' ratio (the same GPU work must time the same), and a cProfile of the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deepseek-ai/DeepSeek-V4-Flash")
+    p.add_argument("--tp", type=int, default=8)
+    p.add_argument("--batch-sizes", default="1,16,64,256,1024,4096")
+    p.add_argument("--configs", type=int, default=24)
+    p.add_argument("--split-stages", action="store_true", help="time GEMM1's stage too, as a pair tune does")
+    p.add_argument("--json", required=True)
+    p.add_argument("--profile", help="cProfile text of the current timer's measurements")
+    args = p.parse_args()
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="moe_opt_profile_"))
+
+    import torch
+    import triton
+
+    from moe_opt.kernel.backend import get_backend
+    from moe_opt.measure.compile_pool import CompilePool
+    from moe_opt.measure.cuda_graph import CudaGraphTimer, cuda_graph_info
+    from moe_opt.model.resolve import resolve_model
+
+    class WasTimer(CudaGraphTimer):
+        """The timer before: torch.cuda.graph per capture (empty_cache inside), a new stream each time, and the
+        inputs of one batch size resident at a time."""
+
+        last_m = None
+
+        def _measure(self, config, M):
+            if M != self.last_m:
+                self.inputs._per_m.clear()
+                self.inputs._active.clear()
+                self.last_m = M
+            return super()._measure(config, M)
+
+        def _time(self, call):
+            call()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                call()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                for i in range(self.calls_per_graph):
+                    call(routing_index=i)
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times_us = []
+            for _ in range(self.replays):
+                self._flush.zero_()
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
+            del graph
+            return statistics.median(times_us), times_us
+
+    spec = resolve_model(args.model, tp_size=args.tp)
+    batch_sizes = [int(m) for m in args.batch_sizes.split(",")]
+    info = cuda_graph_info()
+    backend = get_backend("builtin")
+    pool_configs = backend.candidates(spec, info.shared_memory_bytes, tma=info.tma)
+    configs = random.Random(0).sample(pool_configs, args.configs)
+    t0 = time.perf_counter()
+    with CompilePool(spec) as pool:
+        failures = pool.compile(configs)
+    compile_s = time.perf_counter() - t0
+    configs = [c for c in configs if failures[c] is None]
+    print(f"{len(configs)} configs compiled in {compile_s:.1f} s", flush=True)
+
+    # One timer after the other (the old one empties the allocator's cache, which would cost the other too), the
+    # same measurements in the same order: round-robin over the batch sizes, every config twice.
+    order = [(rnd, c, M) for rnd in range(2) for c in configs for M in batch_sizes]
+    walls: dict[str, dict[str, list[float]]] = {}
+    latencies: dict[str, list] = {}
+    profiler = cProfile.Profile()
+    for name, make in (("was", WasTimer), ("now", CudaGraphTimer)):
+        timer = make(spec, split_stages=args.split_stages)
+        walls[name], latencies[name], seen = {"first": [], "again": []}, [], set()
+        for _, c, M in order:
+            t = time.perf_counter()
+            if name == "now":
+                profiler.enable()
+            m = timer.measure(c, M)
+            if name == "now":
+                profiler.disable()
+            walls[name]["again" if c in seen else "first"].append((time.perf_counter() - t) * 1e3)
+            seen.add(c)
+            latencies[name].append(m.latency_us)
+        del timer
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    ratios = [a / b for a, b in zip(latencies["now"], latencies["was"]) if a and b]
+    rows = [{"round": rnd, "config": c.to_dict(), "M": M, "was_us": w, "now_us": n}
+            for (rnd, c, M), w, n in zip(order, latencies["was"], latencies["now"])]
+    summary = {name: {kind: {"n": len(v), "median_ms": round(statistics.median(v), 2),
+                             "total_s": round(sum(v) / 1e3, 2)} for kind, v in w.items() if v}
+               for name, w in walls.items()}
+    record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "spec": spec.to_dict(),
+              "device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
+              "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
+              "commit": os.environ.get("MOE_OPT_COMMIT"), "split_stages": args.split_stages,
+              "configs": len(configs), "batch_sizes": batch_sizes, "compile_s": round(compile_s, 1),
+              "wall_per_measurement": summary,
+              "latency_ratio_now_over_was": {"median": round(statistics.median(ratios), 4),
+                                             "min": round(min(ratios), 4), "max": round(max(ratios), 4),
+                                             "n": len(ratios)},
+              "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "rows": rows}
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k not in ("rows", "spec")}, indent=1), flush=True)
+    if args.profile:
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(30)
+        Path(args.profile).write_text(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
