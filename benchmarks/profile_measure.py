@@ -105,6 +105,7 @@ def main() -> int:
     walls: dict[str, dict[str, list[float]]] = {}
     latencies: dict[str, list] = {}
     profiler = cProfile.Profile()
+    errors: dict[str, str] = {}
     for name, make in (("was", WasTimer), ("now", CudaGraphTimer)):
         timer = make(spec, split_stages=args.split_stages)
         walls[name], latencies[name], seen = {"first": [], "again": []}, [], set()
@@ -118,10 +119,13 @@ def main() -> int:
             walls[name]["again" if c in seen else "first"].append((time.perf_counter() - t) * 1e3)
             seen.add(c)
             latencies[name].append(m.latency_us)
+            if m.error and name not in errors:
+                errors[name] = m.error
+                print(f"{name}: {c} at M={M} failed: {m.error}", flush=True)
         del timer
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    ratios = [a / b for a, b in zip(latencies["now"], latencies["was"]) if a and b]
+    ratios = [a / b for a, b in zip(latencies["now"], latencies["was"]) if a and b] or [float("nan")]
     rows = [{"round": rnd, "config": c.to_dict(), "M": M, "was_us": w, "now_us": n}
             for (rnd, c, M), w, n in zip(order, latencies["was"], latencies["now"])]
     summary = {name: {kind: {"n": len(v), "median_ms": round(statistics.median(v), 2),
@@ -136,7 +140,7 @@ def main() -> int:
               "latency_ratio_now_over_was": {"median": round(statistics.median(ratios), 4),
                                              "min": round(min(ratios), 4), "max": round(max(ratios), 4),
                                              "n": len(ratios)},
-              "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "rows": rows}
+              "first_errors": errors, "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "rows": rows}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k not in ("rows", "spec")}, indent=1), flush=True)
     if args.profile:
