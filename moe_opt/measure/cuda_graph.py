@@ -135,33 +135,35 @@ class CudaGraphTimer:
             end.record()
             end.synchronize()
             times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
-        del graph
-        self._pool.trim()
+        self._pool.keep(graph)
         return statistics.median(times_us), times_us
 
 
 class _GraphPool:
-    """One memory pool for every graph this timer captures, one graph alive at a time: the buffers a capture
+    """One memory pool for the graphs this timer captures, one graph replayed at a time: the buffers a capture
     allocates are reused by the next instead of being freed to the driver and allocated again.
 
-    A pool whose last graph is gone cannot take a new capture (the caching allocator asserts), so the timer holds
-    a ``torch.cuda.MemPool`` that keeps it open. Different batch sizes leave different buffers behind; once the
-    process holds ``limit_bytes`` more than when it started, the pool is replaced and the cache emptied, so compile
-    workers on the same GPU keep their memory.
+    A pool whose last graph is gone cannot take a new capture (the device and the pinned-host caching allocators
+    both assert), so the last graph is held until the next one has been captured into its pool; the pool is never
+    replayed out of order (a capture may reuse the previous graph's memory, and that graph is never replayed
+    again). Different batch sizes leave different buffers behind: once the process holds ``limit_bytes`` more
+    than when it started, the pool is let go and the cache emptied, so compile workers on the same GPU keep theirs.
     """
 
     def __init__(self, device: torch.device, limit_bytes: int = 4 << 30):
         self.device = device
         self.limit_bytes = limit_bytes
         self._base = torch.cuda.memory_reserved(device)
-        self._open()
+        self._last: torch.cuda.CUDAGraph | None = None
 
-    def _open(self) -> None:
-        self._mempool = torch.cuda.MemPool()
-        self.id = self._mempool.id
+    @property
+    def id(self):
+        """The pool the next capture goes into."""
+        return self._last.pool() if self._last is not None else torch.cuda.graph_pool_handle()
 
-    def trim(self) -> None:
+    def keep(self, graph: torch.cuda.CUDAGraph) -> None:
+        """``graph`` is timed: it holds the pool open for the next capture (the one before it is let go)."""
+        self._last = graph
         if torch.cuda.memory_reserved(self.device) - self._base > self.limit_bytes:
-            del self._mempool
+            self._last = None
             torch.cuda.empty_cache()
-            self._open()
