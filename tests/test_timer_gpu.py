@@ -1,0 +1,50 @@
+"""The CUDA-graph timer on the GPU: every capture goes into one held memory pool, which a tune's hundreds of
+measurements over many batch sizes neither outgrow nor break. Runs on the device only (CUDA graphs)."""
+
+import pytest
+import torch
+
+from moe_opt.measure.cuda_graph import CudaGraphTimer
+from moe_opt.model.spec import ModelSpec
+from moe_opt.space import Config, ConfigPair
+
+pytestmark = pytest.mark.gpu_only
+
+SPEC = ModelSpec.from_shape(num_experts=16, topk=4, hidden_size=1024, intermediate_size=512)
+CONFIGS = [Config(16, 64, 64, 1, 4, 3), Config(64, 64, 64, 16, 4, 3), Config(32, 128, 64, 1, 4, 2)]
+BATCH_SIZES = (1, 16, 64, 256, 1024)
+
+
+def test_a_second_round_of_measurements_takes_no_more_memory_than_the_first():
+    timer = CudaGraphTimer(SPEC, split_stages=True)
+    for c in CONFIGS:
+        for M in BATCH_SIZES:
+            assert timer.measure(c, M).ok
+    after_first = torch.cuda.memory_reserved()
+    for _ in range(2):
+        for c in CONFIGS:
+            for M in BATCH_SIZES:
+                m = timer.measure(c, M)
+                assert m.ok and m.attrs["up_us"] > 0
+    # The pool's buffers are reused by the next capture: repeating the same measurements allocates nothing new.
+    assert torch.cuda.memory_reserved() <= after_first
+
+
+def test_the_pool_is_let_go_past_its_limit_and_measuring_goes_on():
+    timer = CudaGraphTimer(SPEC)
+    timer._pool.limit_bytes = 0  # every measurement is past it: the pool is let go and the cache emptied
+    base = timer._pool._base
+    for M in BATCH_SIZES:
+        assert timer.measure(CONFIGS[1], M).ok
+        assert timer._pool._last is None  # no graph holds a pool
+        assert torch.cuda.memory_reserved() <= base + 64 * 2**20  # only what the caching allocator keeps for calls
+    assert timer.measure(ConfigPair(CONFIGS[0], Config(16, 128, 64, 1, 4, 2)), 64).ok
+
+
+def test_a_config_that_fails_mid_measurement_leaves_the_timer_usable():
+    timer = CudaGraphTimer(SPEC)
+    too_big = Config(256, 256, 256, 1, 4, 5)  # far past the shared memory of any GPU
+    failed = timer.measure(too_big, 64)
+    assert not failed.ok and "OutOfResources" in failed.error
+    assert timer.healthy()
+    assert timer.measure(CONFIGS[0], 64).ok
