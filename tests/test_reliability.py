@@ -243,6 +243,39 @@ def test_replay_mode_says_the_guard_is_skipped(tmp_path, capsys):
     assert "correctness guard skipped: replay mode, no kernel to check" in capsys.readouterr().out
 
 
+def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_unchanged():
+    """The guard checks many configs against the same experts; their float64 weights are dequantized once per
+    inputs, and the reference computed from them equals the one that dequantizes the weights itself."""
+    import torch
+
+    from moe_opt.kernel.backend import get_backend
+    from moe_opt.kernel.reference import fused_moe_reference
+    from moe_opt.model.spec import ModelSpec
+    from moe_opt.run import guard as guard_module
+
+    spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=256, dtype="fp8_w8a8",
+                                block_shape=[128, 128])
+    backend = get_backend("builtin")
+    inputs = backend.make_inputs(spec, "cpu", routing_sets=1)
+    first = guard_module.kernel_error(backend, inputs, Config(16, 64, 128, 1, 4, 2), seed=1)
+    experts, W1, W2 = guard_module._REFERENCE_EXPERTS[inputs]
+    second = guard_module.kernel_error(backend, inputs, Config(32, 64, 128, 1, 4, 2), seed=2)
+    assert guard_module._REFERENCE_EXPERTS[inputs][1] is W1  # not dequantized again
+    assert experts == [0, 1, 7] and 0 < first < 0.02 and 0 < second < 0.02  # the low experts and the last
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    ids = torch.tensor([[7, 0], [7, 1], [0, 1], [7, -1], [1, 0]], dtype=torch.int32)
+    weights = torch.rand(5, 2, generator=gen).softmax(-1)
+    index = torch.tensor(experts)
+    per_expert = {k: v.index_select(0, index) for k, v in inputs.kwargs.items() if k in ("w1_scale", "w2_scale")}
+    rest = {k: v for k, v in inputs.kwargs.items() if k not in per_expert}
+    local = torch.tensor([[experts.index(int(e)) if e >= 0 else -1 for e in row] for row in ids], dtype=torch.int32)
+    itself = fused_moe_reference(x, inputs.w1.index_select(0, index), inputs.w2.index_select(0, index), weights,
+                                 local, **per_expert, **rest)
+    given = fused_moe_reference(x, inputs.w1, inputs.w2, weights, local, dequantized=(W1, W2), **rest)
+    assert torch.equal(itself, given)
+
+
 def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bounds():
     from test_kernel import TOLERANCE as KERNEL_TEST_TOLERANCE
     from test_kernel_quant import FAMILY_TOLERANCE

@@ -32,12 +32,17 @@ def test_a_second_round_of_measurements_takes_no_more_memory_than_the_first():
 
 def test_the_pool_is_let_go_past_its_limit_and_measuring_goes_on():
     timer = CudaGraphTimer(SPEC)
-    timer._pool.limit_bytes = 0  # every measurement is past it: the pool is let go and the cache emptied
+    timer._pool.limit_bytes = 0  # every measurement that takes memory is past it
     base = timer._pool._base
+    released = 0
     for M in BATCH_SIZES:
         assert timer.measure(CONFIGS[1], M).ok
-        assert timer._pool._last is None  # no graph holds a pool
-        assert torch.cuda.memory_reserved() <= base + 64 * 2**20  # only what the caching allocator keeps for calls
+        if timer._pool._last is None:  # let go: the cache emptied, only the calls' own buffers kept
+            released += 1
+            assert torch.cuda.memory_reserved() <= base + 64 * 2**20
+        else:  # held: only while the process holds no more than when the timer started
+            assert torch.cuda.memory_reserved() <= base
+    assert released  # the larger batch sizes' graphs take memory
     assert timer.measure(ConfigPair(CONFIGS[0], Config(16, 128, 64, 1, 4, 2)), 64).ok
 
 

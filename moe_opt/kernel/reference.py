@@ -100,28 +100,19 @@ def dequantize_weight(w: torch.Tensor, scale: torch.Tensor | None, block_shape: 
     return q * scale.double().reshape(E, rows, 1)  # per output channel
 
 
-def fused_moe_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor, *, swiglu_limit: float | None = None,
-                        quant_dtype: str | None = None, per_channel_quant: bool = False,
-                        block_shape: Sequence[int] | None = None, w1_scale: torch.Tensor | None = None,
-                        w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
-                        w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
-                        a2_scale: torch.Tensor | None = None, emulate_activation_quant: bool = True,
-                        round_intermediates: bool = True) -> torch.Tensor:
-    """The fused MoE in float64 on the CPU, expert by expert; returns (M, K) float64. Takes fused_moe's arguments.
-
-    With ``round_intermediates`` the GEMM1 output and the activation are rounded to x's dtype where the kernel
-    stores them, and group-dequantized weights where the kernel feeds them to the dot in that dtype (SGLang's
-    gptq/awq kernel does). With ``emulate_activation_quant`` the w8a8 paths quantize activations like the kernel:
-    per tensor, per token (per_channel_quant) or per token group (block fp8). Both keep the comparison about
-    the kernel's arithmetic rather than storage formats.
+def reference_weights(w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype, *, quant_dtype: str | None = None,
+                      block_shape: Sequence[int] | None = None, w1_scale: torch.Tensor | None = None,
+                      w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
+                      w2_zp: torch.Tensor | None = None, round_intermediates: bool = True,
+                      **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W1, W2): the weights as :func:`fused_moe_reference` computes with them, float64 on the CPU: dequantized,
+    and rounded to the activations' ``dtype`` where the kernel feeds group-dequantized weights to the dot in it.
+    Takes fused_moe's weight arguments (others are ignored).
 
     Example:
-        >>> import torch
-        >>> x = torch.randn(3, 8); w1 = torch.randn(2, 6, 8); w2 = torch.randn(2, 8, 3)
-        >>> out = fused_moe_reference(x, w1, w2, torch.ones(3, 1), torch.tensor([[0], [1], [-1]]))
-        >>> out.shape, bool(out[2].eq(0).all())
-        (torch.Size([3, 8]), True)
+        >>> W1, W2 = reference_weights(torch.randn(2, 6, 8), torch.randn(2, 8, 3), torch.float32)
+        >>> W1.dtype, tuple(W2.shape)
+        (torch.float64, (2, 8, 3))
     """
     quant_dtype = resolve_quant_dtype(w1.dtype, quant_dtype)
 
@@ -131,7 +122,43 @@ def fused_moe_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top
     W1 = dequantize_weight(w1.cpu(), cpu(w1_scale), block_shape, quant_dtype=quant_dtype, zp=cpu(w1_zp))
     W2 = dequantize_weight(w2.cpu(), cpu(w2_scale), block_shape, quant_dtype=quant_dtype, zp=cpu(w2_zp))
     if round_intermediates and group_size_of(quant_dtype, block_shape) is not None:
-        W1, W2 = W1.to(x.dtype).double(), W2.to(x.dtype).double()
+        W1, W2 = W1.to(dtype).double(), W2.to(dtype).double()
+    return W1, W2
+
+
+def fused_moe_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, *, swiglu_limit: float | None = None,
+                        quant_dtype: str | None = None, per_channel_quant: bool = False,
+                        block_shape: Sequence[int] | None = None, w1_scale: torch.Tensor | None = None,
+                        w2_scale: torch.Tensor | None = None, w1_zp: torch.Tensor | None = None,
+                        w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
+                        a2_scale: torch.Tensor | None = None, emulate_activation_quant: bool = True,
+                        round_intermediates: bool = True,
+                        dequantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The fused MoE in float64 on the CPU, expert by expert; returns (M, K) float64. Takes fused_moe's arguments.
+
+    With ``round_intermediates`` the GEMM1 output and the activation are rounded to x's dtype where the kernel
+    stores them, and group-dequantized weights where the kernel feeds them to the dot in that dtype (SGLang's
+    gptq/awq kernel does). With ``emulate_activation_quant`` the w8a8 paths quantize activations like the kernel:
+    per tensor, per token (per_channel_quant) or per token group (block fp8). Both keep the comparison about
+    the kernel's arithmetic rather than storage formats. ``dequantized``: what :func:`reference_weights` returned
+    for these w1, w2 and scales, so that many comparisons against the same experts dequantize them once.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(3, 8); w1 = torch.randn(2, 6, 8); w2 = torch.randn(2, 8, 3)
+        >>> out = fused_moe_reference(x, w1, w2, torch.ones(3, 1), torch.tensor([[0], [1], [-1]]))
+        >>> out.shape, bool(out[2].eq(0).all())
+        (torch.Size([3, 8]), True)
+    """
+    quant_dtype = resolve_quant_dtype(w1.dtype, quant_dtype)
+    W1, W2 = dequantized if dequantized is not None else reference_weights(
+        w1, w2, x.dtype, quant_dtype=quant_dtype, block_shape=block_shape, w1_scale=w1_scale, w2_scale=w2_scale,
+        w1_zp=w1_zp, w2_zp=w2_zp, round_intermediates=round_intermediates)
+
+    def cpu(t):
+        return None if t is None else t.cpu()
+
     # How activations are quantized: per token group (block fp8), per token, per tensor, or not (w*a16).
     act_quant = None
     if quant_dtype in ("fp8_w8a8", "int8_w8a8"):

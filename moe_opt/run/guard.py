@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from typing import Any, Callable
 
 from ..measure.base import KernelRunner, describe_failure
@@ -82,10 +83,11 @@ def kernel_error(backend: Any, inputs: Any, config: Config, *, M: int = GUARD_M,
     gen = torch.Generator().manual_seed(seed if seed is not None else random.SystemRandom().getrandbits(62))
     E, topk, K = spec.E, spec.topk, spec.K
     x = torch.randn(M, K, generator=gen).to(spec.activation_dtype)
-    low = max(2 * (topk - 1), 1)  # a few low experts share the tokens, so blocks hold several rows
+    experts, W1, W2 = _reference_experts(inputs)
+    low = len(experts) - 1  # a few low experts share the tokens, so blocks hold several rows
     ids = torch.empty(M, topk, dtype=torch.int32)
     for row in range(M):
-        others = torch.randperm(min(E - 1, low), generator=gen)[:topk - 1]
+        others = torch.randperm(low, generator=gen)[:topk - 1]
         ids[row] = torch.cat([torch.tensor([E - 1]), others]).to(torch.int32)
     if spec.ep_size > 1:
         ids[::4, -1] = -1  # experts on other EP ranks
@@ -94,19 +96,38 @@ def kernel_error(backend: Any, inputs: Any, config: Config, *, M: int = GUARD_M,
     out = torch.full((M, K), float("nan"), dtype=spec.activation_dtype, device=device)
     backend.forward(inputs, x, weights, ids, config, out)
     got = out.double().cpu()
-    # The reference dequantizes every expert it is given: give it the used ones only, ids renumbered.
-    used = sorted(set(ids.flatten().tolist()) - {-1})
-    index = torch.tensor(used, device=inputs.w1.device)
-    renumber = {e: i for i, e in enumerate(used)}
+    # The reference computes with the guard's experts only (dequantized once per inputs), ids renumbered.
+    renumber = {e: i for i, e in enumerate(experts)}
     local_ids = torch.tensor([[renumber.get(int(e), -1) for e in row] for row in ids.cpu()], dtype=torch.int32)
-    per_expert = ("w1_scale", "w2_scale", "w1_zp", "w2_zp")
-    kwargs = {k: (v.index_select(0, index.to(v.device)) if k in per_expert and v is not None else v)
-              for k, v in inputs.kwargs.items()}
-    ref = fused_moe_reference(x, inputs.w1.index_select(0, index), inputs.w2.index_select(0, index), weights,
-                              local_ids, **kwargs)
+    kwargs = {k: v for k, v in inputs.kwargs.items() if k not in _PER_EXPERT}
+    ref = fused_moe_reference(x, inputs.w1, inputs.w2, weights, local_ids, dequantized=(W1, W2), **kwargs)
     if got.isnan().any():
         return float("nan")
     return ((got - ref).norm() / ref.norm()).item()
+
+
+_PER_EXPERT = ("w1_scale", "w2_scale", "w1_zp", "w2_zp")
+_REFERENCE_EXPERTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _reference_experts(inputs: Any) -> tuple[list[int], Any, Any]:
+    """The experts the guard's batch can be routed to (the low ones, then the last) and their float64 weights as
+    the reference computes with them, dequantized once per inputs: every config the guard checks is compared
+    against the same experts (dequantizing them each time cost a tune of a large shape half a minute)."""
+    import torch
+
+    from ..kernel.reference import reference_weights
+
+    if inputs not in _REFERENCE_EXPERTS:
+        E, topk = inputs.spec.E, inputs.spec.topk
+        experts = list(range(min(E - 1, max(2 * (topk - 1), 1)))) + [E - 1]
+        index = torch.tensor(experts, device=inputs.w1.device)
+        picked = {k: v.index_select(0, index.to(v.device)) if k in _PER_EXPERT and v is not None else v
+                  for k, v in inputs.kwargs.items()}
+        _REFERENCE_EXPERTS[inputs] = (experts, *reference_weights(
+            inputs.w1.index_select(0, index), inputs.w2.index_select(0, index), inputs.spec.activation_dtype,
+            **picked))
+    return _REFERENCE_EXPERTS[inputs]
 
 
 def check_config(backend: Any, inputs: Any, config: Config) -> str:
