@@ -243,7 +243,7 @@ def test_replay_mode_says_the_guard_is_skipped(tmp_path, capsys):
     assert "correctness guard skipped: replay mode, no kernel to check" in capsys.readouterr().out
 
 
-def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_unchanged():
+def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_unchanged(device):
     """The guard checks many configs against the same experts; their float64 weights are dequantized once per
     inputs, and the reference computed from them equals the one that dequantizes the weights itself."""
     import torch
@@ -256,7 +256,7 @@ def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_u
     spec = ModelSpec.from_shape(num_experts=8, topk=2, hidden_size=256, intermediate_size=256, dtype="fp8_w8a8",
                                 block_shape=[128, 128])
     backend = get_backend("builtin")
-    inputs = backend.make_inputs(spec, "cpu", routing_sets=1)
+    inputs = backend.make_inputs(spec, device, routing_sets=1)
     first = guard_module.kernel_error(backend, inputs, Config(16, 64, 128, 1, 4, 2), seed=1)
     experts, W1, W2 = guard_module._REFERENCE_EXPERTS[inputs]
     second = guard_module.kernel_error(backend, inputs, Config(32, 64, 128, 1, 4, 2), seed=2)
@@ -266,7 +266,7 @@ def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_u
     x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
     ids = torch.tensor([[7, 0], [7, 1], [0, 1], [7, -1], [1, 0]], dtype=torch.int32)
     weights = torch.rand(5, 2, generator=gen).softmax(-1)
-    index = torch.tensor(experts)
+    index = torch.tensor(experts, device=device)
     per_expert = {k: v.index_select(0, index) for k, v in inputs.kwargs.items() if k in ("w1_scale", "w2_scale")}
     rest = {k: v for k, v in inputs.kwargs.items() if k not in per_expert}
     local = torch.tensor([[experts.index(int(e)) if e >= 0 else -1 for e in row] for row in ids], dtype=torch.int32)
@@ -276,10 +276,11 @@ def test_the_guard_dequantizes_its_reference_experts_once_and_the_reference_is_u
     assert torch.equal(itself, given)
 
 
-def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bounds():
+def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bounds(device):
     from test_kernel import TOLERANCE as KERNEL_TEST_TOLERANCE
     from test_kernel_quant import FAMILY_TOLERANCE
 
+    from moe_opt.measure.cuda_graph import CudaGraphTimer
     from moe_opt.measure.interpreter import InterpreterTimer, interpreter_spec
 
     # The kernel tests' bounds: test_kernel.py's per path, test_kernel_quant.py's for the per-channel fp8 and the
@@ -287,7 +288,8 @@ def test_guard_runs_the_kernel_against_the_reference_with_the_kernel_tests_bound
     assert TOLERANCE == {**KERNEL_TEST_TOLERANCE, "fp8_channel": FAMILY_TOLERANCE["fp8"],
                          "int8": FAMILY_TOLERANCE["int8"]}
     spec = interpreter_spec(SPEC)  # fp8 block [128, 128], swiglu_limit 10, scaled down for the interpreter
-    guard = Guard(spec, InterpreterTimer(spec))
+    # The kernel where it runs: the interpreter here and in CI, the CUDA-graph timer's inputs on a GPU.
+    guard = Guard(spec, InterpreterTimer(spec) if device == "cpu" else CudaGraphTimer(spec, device))
     outcome = guard.check(Config(32, 128, 128, 32, 4, 3))
     assert outcome.startswith("passed: error ") and outcome.endswith(" <= 0.06")
     assert float(outcome.split()[2]) < 0.02
