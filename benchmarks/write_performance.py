@@ -27,7 +27,7 @@ from moe_opt.space import PARAM_NAMES, Config
 GOAL_2_S = 45.0  # issue 16: all 18 batch sizes of DeepSeek-V4-Flash TP8 on one H200
 GOAL_3_S = 240.0  # issue 16: DeepSeek-V4-Flash at TP 1, 2, 4, 8 in one command on one H200
 # The newest end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered).
-DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials.json"
+DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v3.json"
 GOAL_1_P = 0.95
 GOAL_1_TRIALS = 32  # the default n_trials
 
@@ -223,8 +223,10 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
     return ["| goal | status | evidence |", "| --- | --- | --- |",
             f"| 1. within 1% of the grid optimum at every batch size in ≥ 95% of seeds, ≤ {GOAL_1_TRIALS} trials | "
             f"**{'met' if g1_met else 'not met'}** | P(all within 1%) with {GOAL_1_TRIALS} trials: {g1_text}; "
-            "checked on every CI run by "
-            "`tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds` |",
+            "checked on every CI run, on the tables where it holds, by "
+            "`tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds`" +
+            (f"; it does not hold on {', '.join(f'`{n}`' for n, p, _, _ in g1 if p < GOAL_1_P)} (the samplers "
+             "section), so no test asserts it there" if not g1_met else "") + " |",
             f"| 2. all 18 batch sizes of DeepSeek-V4-Flash TP8 in ≤ {GOAL_2_S:.0f} s on one H200, cold Triton cache, "
             f"studies and both exports included | **{'met' if g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |",
             f"| 3. DeepSeek-V4-Flash at TP 1, 2, 4, 8 (4 shapes x 18 batch sizes) in one command in ≤ {GOAL_3_S:.0f} s "
@@ -540,15 +542,15 @@ def sweep_section(runs: list[dict]) -> list[str]:
                   f"Recorded {run['date']} by `{run['command']}` (commit {run.get('commit') or '?'}); Triton "
                   f"{run['triton']}, torch {run['torch']}; cold Triton cache, all 18 batch sizes per shape, tune()'s "
                   f"defaults. **{run['wall_s']:.1f} s** from the script's start for the whole sweep.", "",
-                  "| TP | E | N | K | tune wall s | trial loop s | geometric-mean speedup vs SGLang default |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| TP | E | N | K | tune wall s | trial loop s | re-measuring s | guard s | geometric-mean speedup "
+                  "vs SGLang default |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for shape in run["shapes"]:
-            spec = shape["spec"]
-            g = shape.get("geomean_speedup")
+            spec, t, g = shape["spec"], shape["timings"], shape.get("geomean_speedup")
             lines.append(f"| {shape['tp_size']} | {spec['E']} | {spec['N']} | {spec['K']} | {shape['tune_wall_s']:.1f} "
-                         f"| {shape['timings'].get('search_s', float('nan')):.1f} | {g:.3f} |" if g else
-                         f"| {shape['tp_size']} | {spec['E']} | {spec['N']} | {spec['K']} | {shape['tune_wall_s']:.1f} "
-                         f"| {shape['timings'].get('search_s', float('nan')):.1f} | — |")
+                         f"| {t.get('search_s', float('nan')):.1f} | {t.get('confirm_s', float('nan')):.1f} | "
+                         f"{t.get('guard_s', float('nan')):.1f} | {f'{g:.3f}' if g else '—'} |")
+        if run.get("note"):
+            lines += ["", run["note"]]
         lines.append("")
     return lines
 
@@ -584,15 +586,30 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "9.5 s. SQLAlchemy's ORM is most of the storage time: a replayed tune of the H200 DeepSeek-V4-Flash table "
              "(6 batch sizes x 48 trials) took 16 s with SQLite and 6 s with a journal file on the 2-core "
              "development machine."), "",
-            ("Since that profile (and before the newest run above), a trial is created in one SQLite transaction of "
-             "plain INSERTs and finished in one (store/trial_writes.py; Optuna's API otherwise): on the "
-             "development machine a replayed tune's claim went from 52 to 27 ms and its search from 6.5 to 3.5 s "
-             "(`benchmarks/trial_writes.py`: creating a trial 11.2 -> 1.2 ms, finishing one 5.8 -> 1.0 ms). What "
-             "goal 2 needs next, from the newest run: the re-measuring step (a pair tune's confirm step now times "
-             "each contender, and the best single config beside the pair, once as a whole call instead of also "
-             "timing GEMM1's stage in a second CUDA graph; not yet re-measured on the GPU), the loop's remaining host work per trial (reading the study under the claim lock, the "
-             "surrogate), and the start-up and guard."), ""]
-
+            ("Since that profile, a trial is created in one SQLite transaction of plain INSERTs and finished in "
+             "one (store/trial_writes.py; Optuna's API otherwise): on the development machine a replayed tune's "
+             "claim went from 52 to 27 ms and its search from 6.5 to 3.5 s (`benchmarks/trial_writes.py`: creating "
+             "a trial 11.2 -> 1.2 ms, finishing one 5.8 -> 1.0 ms)."), "",
+            ("The steps to the newest run, each measured end to end on the H200 with the same command (32 trials, "
+             "pair + TMA, cold cache; `benchmarks/results/pair/`): 87.1 s (commit 403f676); 86.6 s once the "
+             "confirm step timed each contender as one whole call (`..._v2.json`: re-measuring 24.7 -> 18.0 s; "
+             "the trial loop 43.8 -> 46.8 s, run-to-run: its compile waits were 3.5 and 7.2 s); 71.6 s once the "
+             "guard dequantized its reference experts once instead of once per checked config (`..._v3.json`: "
+             "guard 5.8 -> 1.0 s; in the TP sweep before it, the guard of the TP1 shape took 34.0 s of its 204 s)."),
+            "",
+            ("The measuring process itself (`benchmarks/profile_measure.py --split-stages`, H200, DeepSeek-V4-Flash "
+             "TP8, 4 configs x 6 batch sizes x 2 rounds; `benchmarks/results/profile/profile_measure_*.json`): a "
+             "measurement of a pair tune takes about 52 ms, and most of it is the GPU's: in its cProfile 2.0 of "
+             "3.4 s are spent waiting on the timed replays, 0.4 s on synchronizing, 0.8 s launching the 1,152 "
+             "calls. Capturing into one held memory pool instead of `torch.cuda.graph` (which empties the "
+             "allocator's cache before each capture) and keeping every batch size's inputs resident changed "
+             "neither the latencies (median ratio 1.002, 48 measurements) nor the time per measurement (54.9 vs "
+             "52.2 ms, noise); the first measurement of a config in a process costs about 0.4 s more (loading "
+             "its kernels)."), "",
+            ("What goal 2 needs next: the pair tune's second CUDA graph per measurement (GEMM1's stage timed "
+             "alone, about half of the measuring process's GPU time) could become timing events inside the whole "
+             "call's graph; the re-measuring step (16.2 s), the start-up (7.1 s) and the imports before the tune "
+             "(6 s) are the rest."), ""]
 
 if __name__ == "__main__":
     sys.exit(main())
