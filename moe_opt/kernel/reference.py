@@ -24,7 +24,7 @@ from .quant import (
     unpack_int4,
 )
 
-__all__ = ["fused_moe_reference", "dequantize_weight", "swiglu_reference", "quant_group_reference",
+__all__ = ["fused_moe_reference", "reference_weights", "dequantize_weight", "swiglu_reference", "quant_group_reference",
            "quant_tensor_reference", "quantize_weight_fp8"]  # quantize_weight_fp8 lived here; quant.py now
 
 

@@ -107,7 +107,7 @@ def kernel_error(backend: Any, inputs: Any, config: Config, *, M: int = GUARD_M,
 
 
 _PER_EXPERT = ("w1_scale", "w2_scale", "w1_zp", "w2_zp")
-_REFERENCE_EXPERTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REFERENCE_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _reference_experts(inputs: Any) -> tuple[list[int], Any, Any]:
