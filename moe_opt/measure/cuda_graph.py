@@ -143,10 +143,10 @@ class _GraphPool:
     """One memory pool for the graphs this timer captures, one graph replayed at a time: the buffers a capture
     allocates are reused by the next instead of being freed to the driver and allocated again.
 
-    A pool whose last graph is gone cannot take a new capture (the device and the pinned-host caching allocators
-    both assert), so the last graph is held until the next one has been captured into its pool; the pool is never
-    replayed out of order (a capture may reuse the previous graph's memory, and that graph is never replayed
-    again). Different batch sizes leave different buffers behind: once the process holds ``limit_bytes`` more
+    A pool lives as long as a graph uses it, and holding it with a ``torch.cuda.MemPool`` instead trips the pinned-
+    host allocator's assertion (``use_count > 0``, torch 2.11 on the H200), so the last graph is held until the
+    next one has been captured into its pool. Nothing is replayed out of order: a capture may reuse the previous
+    graph's memory, and that graph is never replayed again. Different batch sizes leave different buffers behind: once the process holds ``limit_bytes`` more
     than when it started, the pool is let go and the cache emptied, so compile workers on the same GPU keep theirs.
     """
 
