@@ -4,11 +4,14 @@
 
 A tune's measuring process times its configs round-robin over the batch sizes, each config once per batch size,
 most of them for the first time in that process. This compiles ``--configs`` sampled candidates of the shape in a
-compile pool (cold Triton cache, as a tune), then measures them in the tune's order with two timers on the same
-GPU, interleaved call by call: ``CudaGraphTimer`` as it is, and the timer as it was (``torch.cuda.graph`` around
-each capture, which empties the allocator's cache every time, and inputs rebuilt whenever the batch size
-changes). It records the wall time per measurement of each (the first measurement of a config apart: it loads
-the kernel), their latencies' ratio (the same GPU work must time the same), and a cProfile of the current one.
+compile pool (cold Triton cache, as a tune), then measures them in the tune's order, every config twice, with two
+timers on the same GPU, one after the other (the old one empties the allocator's cache, which would cost the other
+too): the timer as it was (``torch.cuda.graph`` around each capture, which empties the allocator's cache every
+time, and inputs rebuilt whenever the batch size changes), then ``CudaGraphTimer`` as it is. It records the wall
+time per measurement of each, the first measurement of a config apart (for the old timer, which runs first, that
+one loads the config's kernels into the process; the new timer finds them loaded, so its "first" is not), their
+latencies' ratio (the same GPU work must time the same), and a cProfile of the current one. ``WasTimer`` repeats
+the old capture-and-replay code on purpose: it is the baseline being measured.
 """
 
 from __future__ import annotations
