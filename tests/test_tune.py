@@ -8,6 +8,7 @@ on an H100 (DeepSeek-V4-Flash, two batch sizes) and small synthetic tables made 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -24,6 +25,8 @@ from moe_opt.measure.replay import ReplayTable, record_table
 DSV4_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H200.csv"
 QWEN_TABLE = "moe_opt/data/Qwen3-30B-A3B_tp1_H200.csv"
 DSV4_H100_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H100.csv"
+MIXTRAL_TABLE = "moe_opt/data/Mixtral-8x7B-v0.1_tp8_H200.csv"
+QWEN235_TABLE = "moe_opt/data/Qwen3-235B-A22B-FP8_tp4_H200.csv"
 
 
 @pytest.fixture(autouse=True)
@@ -351,12 +354,9 @@ def test_close_contenders_are_measured_again_so_a_lucky_draw_is_not_exported(tmp
     assert load_tuned_configs(rebuilt[0])[64] == Config.from_dict(r.best[64])
 
 
-@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE, DSV4_H100_TABLE])
-def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table_path):
-    """Goal 1 of the performance issue, on every full-grid table recorded (DeepSeek-V4-Flash fp8 block TP8 and
-    Qwen3-30B-A3B bf16 TP1 on an H200, six batch sizes each; DeepSeek-V4-Flash on an H100, two): with the default
-    32 trials per batch size, the best configs found are within 1% of the grid optimum at every batch size at once
-    in at least 95% of 20 seeds. Deterministic (seeded), no GPU."""
+def _seeds_all_within(table_path: str, within: float) -> tuple[float, list]:
+    """Over 20 seeds of a default (32-trial) replay tune: the share in which every batch size is within ``within``
+    of the table's optimum at once, and the (seed, M) misses."""
     table = ReplayTable(repo_path(table_path))
     seeds = range(20)
     all_within = 0
@@ -365,10 +365,40 @@ def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table
         r = moe_opt.tune(replay=repo_path(table_path), seed=seed, storage=optuna.storages.InMemoryStorage(),
                          output_dir=None, progress=False)
         assert all(r.trials_used[M] == 32 for M in table.batch_sizes)  # the default budget
-        missed = [M for M in table.batch_sizes if r.latency_us[M] > 1.01 * table.best(M)[1]]
+        missed = [M for M in table.batch_sizes if r.latency_us[M] > within * table.best(M)[1]]
         all_within += not missed
         misses += [(seed, M) for M in missed]
-    assert all_within / len(seeds) >= 0.95, misses
+    return all_within / len(seeds), misses
+
+
+@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE, DSV4_H100_TABLE, MIXTRAL_TABLE])
+def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table_path):
+    """Goal 1 of the performance issue, on the full-grid tables recorded where it holds (DeepSeek-V4-Flash fp8 block
+    TP8, Qwen3-30B-A3B bf16 TP1 and Mixtral-8x7B bf16 TP8 on an H200, six batch sizes each; DeepSeek-V4-Flash on an
+    H100, two): with the default 32 trials per batch size, the best configs found are within 1% of the grid optimum
+    at every batch size at once in at least 95% of 20 seeds. Deterministic (seeded), no GPU."""
+    share, misses = _seeds_all_within(table_path, 1.01)
+    assert share >= 0.95, misses
+
+
+def test_on_the_table_where_one_percent_is_not_reached_yet_the_search_stays_within_two():
+    """Qwen3-235B-A22B fp8 block TP4 (H200): goal 1 is not met there yet (M=256's optimum, BLOCK_SIZE_M 16 with
+    num_stages 2, lies past a ridge where the walk stops 1.5% off; docs/performance.md), but every seed is within 2%
+    at every batch size, and this keeps it so."""
+    share, misses = _seeds_all_within(QWEN235_TABLE, 1.02)
+    assert share == 1.0, misses
+
+
+def test_warm_start_adds_the_default_with_the_block_m_that_holds_one_experts_tokens(tmp_path):
+    """DeepSeek-V4-Flash (E=256, topk 6): SGLang's fp8 default has BLOCK_SIZE_M 64 at every M; at M=1024 an expert
+    gets 24 tokens, so the second trial is the default with BLOCK_SIZE_M 32; at M=4096 (96 tokens) with 128."""
+    r = moe_opt.tune(replay=repo_path(DSV4_TABLE), batch_sizes=[1024, 4096], n_trials=2, storage="sqlite:///b.db",
+                     output_dir=None, progress=False)
+    for M, block_m in ((1024, 32), (4096, 128)):
+        trials = optuna.load_study(study_name=r.study_names[M], storage="sqlite:///b.db").trials
+        configs = [Config(*(t.params[p] for p in space.PARAM_NAMES)) for t in sorted(trials, key=lambda t: t.number)]
+        default = space.default_config(M, 256, "fp8_w8a8", [128, 128])
+        assert configs == [default, dataclasses.replace(default, BLOCK_SIZE_M=block_m)]
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -1,13 +1,15 @@
 """Warm start: configs worth measuring first, enqueued into each batch size's study before the sampler runs.
 
-In order: SGLang's default config for the batch size (also the baseline of the speedup), the configs of
-existing tuned files for the same shape and device (SGLang or vLLM JSON), the configs the caller gives per batch
-size (``warm_start_configs``: a sweep passes what the other shapes found), and the best configs already measured
-at the nearest batch sizes (from earlier, resumed runs).
+In order: SGLang's default config for the batch size (also the baseline of the speedup), the configs of existing
+tuned files for the same shape and device (SGLang or vLLM JSON), the configs the caller gives per batch size
+(``warm_start_configs``: a sweep passes what the other shapes found), the default with the BLOCK_SIZE_M that holds
+one expert's tokens where that differs (:func:`~moe_opt.space.block_m_for_tokens`), and the best configs already
+measured at the nearest batch sizes (from earlier, resumed runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -15,7 +17,7 @@ import optuna
 
 from ..model.spec import ModelSpec
 from ..search.surrogate import SearchState
-from ..space import PARAM_NAMES, Config
+from ..space import PARAM_NAMES, Config, block_m_for_tokens
 from ..store.schema import is_counted, trial_params
 
 NEAREST_BEST = 2  # best configs taken from each of the nearest already-tuned batch sizes
@@ -61,6 +63,12 @@ def enqueue_warm_start(studies: dict[int, optuna.Study], state: SearchState, def
             seeds.append(existing[nearest_file_m])
         if given:
             seeds += given[M] if M in given else given[min(given, key=lambda m: abs(m - M))]
+        if spec is not None and seeds[0] is not None:
+            # SGLang's default keeps one BLOCK_SIZE_M over wide ranges of M (64 for every M in fp8 block); the optimum
+            # follows the tokens per expert, and reaching it one step at a time costs most of a 32-trial budget.
+            block_m = block_m_for_tokens(M, spec.topk, spec.E)
+            if block_m != seeds[0].BLOCK_SIZE_M:
+                seeds.append(snap_to_space(dataclasses.replace(seeds[0], BLOCK_SIZE_M=block_m), state.candidates))
         for m in _nearest(M, tuned):
             seeds += sorted(state.measured[m], key=state.measured[m].get)[:NEAREST_BEST]
         tried = state.tried(M)

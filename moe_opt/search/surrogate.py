@@ -14,7 +14,8 @@ The model: every measurement becomes a point (config, log2 M, log of latency ove
 The predicted log-ratio of a candidate at batch size M is a kernel-weighted average of those points (a
 Nadaraya-Watson estimate with a prior pseudo-point); the next config is the unmeasured candidate with the lowest
 lower confidence bound, looked for first among the local moves of the incumbent (one step along one tunable,
-or an exchange of two block sizes). Ties break by a seeded random draw.
+or an exchange of two block sizes) and the incumbents of the nearest batch sizes measured. Ties break by a
+seeded random draw.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ PRIOR_WEIGHT = 0.05
 EXPLORATION = 0.12  # kappa of the lower confidence bound
 PATTERN_WITHIN = 0.05  # pattern moves are made from measured configs this close to the best
 EXCHANGED = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")  # the tunables an exchange move trades
+# The best configs of the nearest batch sizes below and above, up to this many octaves away, are local moves too:
+# a neighbouring batch size's optimum is often several steps from this one's incumbent but close to its optimum
+# (measured on the recorded tables: Mixtral-8x7B at M=4096 climbs 1.86x -> 1.0 only with M=1024's best in reach).
+NEARBY_OCTAVES = 2
 
 
 def is_latency(value: object) -> bool:
@@ -147,11 +152,11 @@ class SearchState:
         results = self.measured.get(M)
         if results:
             # Pattern search first: the untried local moves of the incumbent (one step, or an exchange of block
-            # sizes), best predicted first; then the pattern moves (a step that improved, taken once more); then
-            # two-step neighbours.
+            # sizes) and the nearby batch sizes' incumbents, best predicted first; then the pattern moves (a step
+            # that improved, taken once more); then two-step neighbours.
             best = self._index[min(results, key=results.get)]
             local = self._rings[0][best] | self._exchange[best]
-            stages = [{self.candidates[i] for i in np.flatnonzero(local)},
+            stages = [{self.candidates[i] for i in np.flatnonzero(local)} | self._nearby_incumbents(M),
                       self._pattern_moves(results), {self.candidates[i] for i in np.flatnonzero(self._rings[1][best])}]
             for near in stages:
                 near = near & open_set
@@ -159,6 +164,16 @@ class SearchState:
                     pool = near
                     break
         return pool, score
+
+    def _nearby_incumbents(self, M: int) -> set[Config]:
+        """The best configs of the nearest batch sizes measured below and above M, within NEARBY_OCTAVES."""
+        out = set()
+        for side in ([m for m in self.measured if m < M], [m for m in self.measured if m > M]):
+            near = [m for m in side if self.measured[m] and abs(math.log2(m / M)) <= NEARBY_OCTAVES]
+            if near:
+                results = self.measured[min(near, key=lambda m: abs(math.log2(m / M)))]
+                out.add(min(results, key=results.get))
+        return out
 
     def _pattern_moves(self, results: dict[Config, float]) -> set[Config]:
         """Hooke-Jeeves pattern moves: where a one-step move p -> c improved the latency and c is within
