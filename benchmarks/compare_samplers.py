@@ -101,10 +101,38 @@ def main() -> int:
         print(f"<!-- {label}: {seconds[label]:.0f} s -->", file=sys.stderr)
     if args.json:
         out = {"table": args.table, "batch_sizes": batch_sizes, "seeds": args.seeds, "budgets": list(BUDGETS),
-               "within": WITHIN, "rows": rows, "skipped": skipped, "seconds": seconds}
+               "within": WITHIN, "rows": rows, "skipped": skipped, "seconds": seconds,
+               "commits": {label: _commit() for label in seconds}}
+        out = _merged(Path(args.json), out)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(args.json)
     return 0
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _merged(path: Path, new: dict) -> dict:
+    """``new`` with the rows of the samplers it did not run kept from the file at ``path`` (a ``--samplers`` rerun
+    of one row keeps the others), where that file compared the same table, seeds and budgets."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    if any(old.get(k) != new[k] for k in ("table", "seeds", "budgets", "within")):
+        return new
+    ran = set(new["seconds"]) | set(new["skipped"])
+    out = dict(new, rows=[r for r in old["rows"] if r["sampler"] not in ran] + new["rows"])
+    for key in ("skipped", "seconds", "commits"):
+        out[key] = {**{k: v for k, v in old.get(key, {}).items() if k not in ran}, **new[key]}
+    order = list(SAMPLERS)
+    out["rows"].sort(key=lambda r: (order.index(r["sampler"]) if r["sampler"] in order else len(order), r["trials"]))
+    return out
 
 
 if __name__ == "__main__":
