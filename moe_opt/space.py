@@ -66,6 +66,12 @@ class Config:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"Config.{name} must be a power of two >= 16 (tl.dot needs it), got {value}")
+        # Hashed once: a search hashes its ~1,300 candidates into sets on every proposal (the dataclass's own
+        # __hash__ builds a tuple of the seven fields each time; a tune spent seconds there).
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def to_dict(self) -> dict[str, int | bool]:
         """The config as SGLang/vLLM store it: the six keys, in their order, and ``"USE_TMA": true`` only where it is

@@ -90,6 +90,14 @@ class SearchState:
         signed = steps[:, None, blocks] - steps[None, :, blocks]
         self._exchange = self._rings[1] & (np.abs(signed).sum(axis=2) == 2) & (signed.sum(axis=2) == 0)
         self._steps = steps.astype(np.int64)
+        # What record() has seen, as masks over the candidates (open_candidates runs on every proposal).
+        self._failed_mask = np.zeros(len(self.candidates), dtype=bool)
+        self._tried_mask: dict[int, np.ndarray] = {}
+        for config in self.failed:
+            self._mark(None, config)
+        for M, configs in [*self.measured.items(), *self.failed_at.items()]:
+            for config in configs:
+                self._mark(M, config)
         self._at_steps = {tuple(row): i for i, row in enumerate(self._steps)}
 
     def record(self, M: int, config: Config, latency_us: float | None, compile_failure: bool = False) -> None:
@@ -99,15 +107,28 @@ class SearchState:
             self.measured.setdefault(M, {})[config] = float(latency_us)
         elif compile_failure:
             self.failed.add(config)
+            M = None
         else:
             self.failed_at.setdefault(M, set()).add(config)
+        self._mark(M, config)
+
+    def _mark(self, M: int | None, config: Config) -> None:
+        """``config`` tried at M (None: failed to compile, so tried at every M) in the masks."""
+        i = self._index.get(config)
+        if i is None:
+            return
+        if M is None:
+            self._failed_mask[i] = True
+        else:
+            self._tried_mask.setdefault(M, np.zeros(len(self.candidates), dtype=bool))[i] = True
 
     def tried(self, M: int) -> set[Config]:
         return set(self.measured.get(M, {})) | self.failed_at.get(M, set()) | self.failed
 
     def open_candidates(self, M: int) -> list[Config]:
-        tried = self.tried(M)
-        return [c for c in self.candidates if c not in tried]
+        """The candidates not tried at M, in the candidates' order."""
+        tried = self._failed_mask | self._tried_mask.get(M, False)
+        return [self.candidates[i] for i in np.flatnonzero(~tried)]
 
     def predict(self, M: int) -> tuple[np.ndarray, np.ndarray]:
         """(predicted log-ratio to the best, uncertainty) for every candidate at batch size M."""
