@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    commit = _commit()  # the code imported now, whatever is committed while the comparison runs
     batch_sizes = ReplayTable(args.table).batch_sizes
     chosen = {label: spec for label, spec in SAMPLERS.items()
               if args.samplers is None or any(label.startswith(x) for x in args.samplers.split(","))}
@@ -102,7 +103,7 @@ def main() -> int:
     if args.json:
         out = {"table": args.table, "batch_sizes": batch_sizes, "seeds": args.seeds, "budgets": list(BUDGETS),
                "within": WITHIN, "rows": rows, "skipped": skipped, "seconds": seconds,
-               "commits": {label: _commit() for label in seconds}}
+               "commits": {label: commit for label in seconds}}
         out = _merged(Path(args.json), out)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.json + ".tmp")
