@@ -437,3 +437,27 @@ def test_cli_tune_replay_and_export(tmp_path, capsys):
 def test_cli_shape_must_name_its_sizes(capsys):
     assert main(["tune", "--shape", "E=8,topk=2"]) == 2
     assert "--shape 'E=8,topk=2' must be E=..,topk=..,K=..,intermediate=.." in capsys.readouterr().err
+
+
+def test_block_m_for_tokens_is_the_smallest_power_of_two_holding_an_experts_share_from_16_to_128():
+    assert space.block_m_for_tokens(1, 8, 128) == 16  # 0.06 tokens per expert: the smallest block
+    assert space.block_m_for_tokens(256, 8, 128) == 16  # 16 tokens exactly
+    assert space.block_m_for_tokens(272, 8, 128) == 32  # 17 tokens
+    assert space.block_m_for_tokens(4096, 6, 256) == 128  # 96 tokens
+    assert space.block_m_for_tokens(4096, 2, 8) == 128  # 1,024 tokens: capped
+
+
+def test_the_search_state_never_offers_a_config_it_has_tried_at_that_batch_size():
+    from moe_opt.search.surrogate import SearchState
+
+    candidates = [Config(m, n, 128, 32, 4, 3) for m in (16, 32, 64) for n in (64, 128)]
+    state = SearchState(candidates)
+    state.record(16, candidates[0], 10.0)
+    state.record(16, candidates[1], None)  # failed to run at M=16 only
+    state.record(64, candidates[2], None, compile_failure=True)  # failed to compile: at every M
+    state.record(16, Config(128, 64, 128, 32, 4, 3), 9.0)  # outside the candidates: kept, never offered
+    assert state.open_candidates(16) == candidates[3:]
+    assert state.open_candidates(1) == candidates[:2] + candidates[3:]
+    # A state built from what another one learned (a resumed tune) offers the same.
+    rebuilt = SearchState(candidates, measured=state.measured, failed=state.failed, failed_at=state.failed_at)
+    assert rebuilt.open_candidates(16) == candidates[3:] and rebuilt.open_candidates(1) == state.open_candidates(1)
