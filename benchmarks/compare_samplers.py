@@ -78,7 +78,9 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    commit = _commit()  # the code imported now, whatever is committed while the comparison runs
+    from workers_replay import commit as current_commit  # benchmarks/: MOE_OPT_COMMIT, else git's HEAD
+
+    commit = current_commit()  # the code imported now, whatever is committed while the comparison runs
     batch_sizes = ReplayTable(args.table).batch_sizes
     chosen = {label: spec for label, spec in SAMPLERS.items()
               if args.samplers is None or any(label.startswith(x) for x in args.samplers.split(","))}
@@ -110,13 +112,6 @@ def main() -> int:
         tmp.write_text(json.dumps(out, indent=1) + "\n")
         tmp.replace(args.json)
     return 0
-
-
-def _commit() -> str | None:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _merged(path: Path, new: dict) -> dict:

@@ -146,8 +146,9 @@ class _GraphPool:
     A pool lives as long as a graph uses it, and holding it with a ``torch.cuda.MemPool`` instead trips the pinned-
     host allocator's assertion (``use_count > 0``, torch 2.11 on the H200), so the last graph is held until the
     next one has been captured into its pool. Nothing is replayed out of order: a capture may reuse the previous
-    graph's memory, and that graph is never replayed again. Different batch sizes leave different buffers behind: once the process holds ``limit_bytes`` more
-    than when it started, the pool is let go and the cache emptied, so compile workers on the same GPU keep theirs.
+    graph's memory, and that graph is never replayed again. Different batch sizes leave different buffers behind:
+    once the process holds ``limit_bytes`` more than when it started, the pool is let go and the cache emptied, so
+    compile workers on the same GPU keep theirs.
     """
 
     def __init__(self, device: torch.device, limit_bytes: int = 4 << 30):
