@@ -5,13 +5,15 @@
 A tune's measuring process times its configs round-robin over the batch sizes, each config once per batch size,
 most of them for the first time in that process. This compiles ``--configs`` sampled candidates of the shape in a
 compile pool (cold Triton cache, as a tune), then measures them in the tune's order, every config twice, with two
-timers on the same GPU, one after the other (the old one empties the allocator's cache, which would cost the other
-too): the timer as it was (``torch.cuda.graph`` around each capture, which empties the allocator's cache every
-time, and inputs rebuilt whenever the batch size changes), then ``CudaGraphTimer`` as it is. It records the wall
-time per measurement of each, the first measurement of a config apart (for the old timer, which runs first, that
-one loads the config's kernels into the process; the new timer finds them loaded, so its "first" is not), their
-latencies' ratio (the same GPU work must time the same), and a cProfile of the current one. ``WasTimer`` repeats
-the old capture-and-replay code on purpose: it is the baseline being measured.
+timers on the same GPU, one after the other: the timer as it was (``WasTimer``: with ``--split-stages``, GEMM1's
+stage timed in a second CUDA graph of its own, as up to commit 113dbb1), then ``CudaGraphTimer`` as it is (GEMM1's
+stage timed by events inside the whole call's graph). It records the wall time per measurement of each, the first
+measurement of a config apart (for the old timer, which runs first, that one loads the config's kernels into the
+process; the new timer finds them loaded, so its "first" is not), the ratios of their latencies and of their
+GEMM1-stage times (the same GPU work should time the same; events inside the graph may add to it), and a cProfile of
+the current one. ``WasTimer`` repeats the old code on purpose: it is the baseline being measured. (Earlier records
+in benchmarks/results/profile/ compared an older baseline: ``torch.cuda.graph`` around each capture; their JSON
+says which commit ran.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -46,48 +49,24 @@ def main() -> int:
     import triton
 
     from moe_opt.kernel.backend import get_backend
+    from moe_opt.measure.base import Measurement
     from moe_opt.measure.compile_pool import CompilePool
     from moe_opt.measure.cuda_graph import CudaGraphTimer, cuda_graph_info
     from moe_opt.model.resolve import resolve_model
+    from moe_opt.space import Config
 
     class WasTimer(CudaGraphTimer):
-        """The timer before: torch.cuda.graph per capture (empty_cache inside), a new stream each time, and the
-        inputs of one batch size resident at a time."""
-
-        last_m = None
+        """The timer before GEMM1's stage was timed by events inside the whole call's graph (up to commit
+        113dbb1): a pair tune's measurement captured and replayed a second graph of GEMM1's stage alone."""
 
         def _measure(self, config, M):
-            if M != self.last_m:
-                self.inputs._per_m.clear()
-                self.inputs._active.clear()
-                self.last_m = M
-            return super()._measure(config, M)
-
-        def _time(self, call):
-            call()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                call()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                for i in range(self.calls_per_graph):
-                    call(routing_index=i)
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times_us = []
-            for _ in range(self.replays):
-                self._flush.zero_()
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
-            del graph
-            return statistics.median(times_us), times_us
+            latency, times_us, _ = self._time(partial(self.backend.call, self.inputs, config, M))
+            attrs = {"replay_spread": (max(times_us) - min(times_us)) / latency}
+            if self.split_stages and isinstance(config, Config):
+                up_us, _, _ = self._time(lambda routing_index=0: self.inputs.call(config, M, routing_index,
+                                                                                   up_only=True))
+                attrs.update(up_us=up_us, down_us=max(latency - up_us, 1e-3 * latency))
+            return Measurement(latency, None, attrs)
 
     spec = resolve_model(args.model, tp_size=args.tp)
     batch_sizes = [int(m) for m in args.batch_sizes.split(",")]
@@ -107,11 +86,12 @@ def main() -> int:
     order = [(rnd, c, M) for rnd in range(2) for c in configs for M in batch_sizes]
     walls: dict[str, dict[str, list[float]]] = {}
     latencies: dict[str, list] = {}
+    ups: dict[str, list] = {}
     profiler = cProfile.Profile()
     errors: dict[str, str] = {}
     for name, make in (("was", WasTimer), ("now", CudaGraphTimer)):
         timer = make(spec, split_stages=args.split_stages)
-        walls[name], latencies[name], seen = {"first": [], "again": []}, [], set()
+        walls[name], latencies[name], ups[name], seen = {"first": [], "again": []}, [], [], set()
         for _, c, M in order:
             t = time.perf_counter()
             if name == "now":
@@ -122,15 +102,20 @@ def main() -> int:
             walls[name]["again" if c in seen else "first"].append((time.perf_counter() - t) * 1e3)
             seen.add(c)
             latencies[name].append(m.latency_us)
+            ups[name].append(m.attrs.get("up_us"))
             if m.error and name not in errors:
                 errors[name] = m.error
                 print(f"{name}: {c} at M={M} failed: {m.error}", flush=True)
         del timer
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    ratios = [a / b for a, b in zip(latencies["now"], latencies["was"]) if a and b] or [float("nan")]
-    rows = [{"round": rnd, "config": c.to_dict(), "M": M, "was_us": w, "now_us": n}
-            for (rnd, c, M), w, n in zip(order, latencies["was"], latencies["now"])]
+    def ratio_summary(now: list, was: list) -> dict:
+        ratios = [a / b for a, b in zip(now, was) if a and b] or [float("nan")]
+        return {"median": round(statistics.median(ratios), 4), "min": round(min(ratios), 4),
+                "max": round(max(ratios), 4), "n": len(ratios)}
+
+    rows = [{"round": rnd, "config": c.to_dict(), "M": M, "was_us": w, "now_us": n, "was_up_us": wu, "now_up_us": nu}
+            for (rnd, c, M), w, n, wu, nu in zip(order, latencies["was"], latencies["now"], ups["was"], ups["now"])]
     summary = {name: {kind: {"n": len(v), "median_ms": round(statistics.median(v), 2),
                              "total_s": round(sum(v) / 1e3, 2)} for kind, v in w.items() if v}
                for name, w in walls.items()}
@@ -140,9 +125,8 @@ def main() -> int:
               "commit": os.environ.get("MOE_OPT_COMMIT"), "split_stages": args.split_stages,
               "configs": len(configs), "batch_sizes": batch_sizes, "compile_s": round(compile_s, 1),
               "wall_per_measurement": summary,
-              "latency_ratio_now_over_was": {"median": round(statistics.median(ratios), 4),
-                                             "min": round(min(ratios), 4), "max": round(max(ratios), 4),
-                                             "n": len(ratios)},
+              "latency_ratio_now_over_was": ratio_summary(latencies["now"], latencies["was"]),
+              "up_us_ratio_now_over_was": ratio_summary(ups["now"], ups["was"]),
               "first_errors": errors, "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2), "rows": rows}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k not in ("rows", "spec")}, indent=1), flush=True)

@@ -53,3 +53,14 @@ def test_a_config_that_fails_mid_measurement_leaves_the_timer_usable():
     assert not failed.ok and "OutOfResources" in failed.error
     assert timer.healthy()
     assert timer.measure(CONFIGS[0], 64).ok
+
+
+def test_a_pair_tunes_measurement_times_gemm1s_stage_inside_the_whole_call():
+    timer = CudaGraphTimer(SPEC, split_stages=True)
+    for M in (1, 256):
+        m = timer.measure(CONFIGS[0], M)
+        assert m.ok and 0 < m.attrs["up_us"] < m.latency_us
+        assert m.attrs["down_us"] == pytest.approx(m.latency_us - m.attrs["up_us"])
+    # A config per GEMM is the whole call only (the re-measuring step's): no stage events, no stage times.
+    pair = timer.measure(ConfigPair(CONFIGS[0], CONFIGS[0]), 64)
+    assert pair.ok and "up_us" not in pair.attrs

@@ -35,7 +35,8 @@ class KernelBackend(Protocol):
         target: the engine whose launch rules and default config it follows ("sglang", "vllm").
         ref: the string that rebuilds it in another process (``get_backend(ref)``): the measuring process and the
             compile workers build the same backend.
-        times_stages: whether ``call_up`` can time GEMM1's stage alone (a config pair per GEMM needs it).
+        times_stages: whether ``call`` runs ``after_up`` between the GEMM stages, so that GEMM1's stage can be
+            timed inside the whole call (a config pair per GEMM needs it).
     """
 
     name: str
@@ -69,12 +70,11 @@ class KernelBackend(Protocol):
         """Weights once, activations and routing (a model.routing.RoutingSpec; None: uniform) per batch size, on
         ``device``."""
 
-    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0,
+             after_up: Any = None) -> Any:
         """One timed fused-MoE call at batch size M with the ``routing_index``-th routing draw; a ConfigPair
-        runs each GEMM with its own config."""
-
-    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
-        """GEMM1's stage of that call alone (alignment, GEMM1, activation): a pair tune times it apart."""
+        runs each GEMM with its own config. ``after_up`` (where ``times_stages``) is called between GEMM1's stage
+        (alignment, GEMM1, activation) and GEMM2: a pair tune's timer records an event there."""
 
     def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config, out: Any) -> Any:
         """The fused-MoE function on given activations and routing with ``inputs``' weights (the guard's call)."""
@@ -105,7 +105,7 @@ class BuiltinBackend:
     name = "builtin"
     version = "1"  # bump when the kernel's code changes what is timed
     specializes_on_m = False  # kernel/gemm.py: no batch-size-dependent argument is specialized on
-    times_stages = True  # fused_moe(up_only=True) stops after GEMM1's stage
+    times_stages = True  # fused_moe(after_up=...) marks the end of GEMM1's stage
 
     def __init__(self, target: str = "sglang"):
         self.target = _check_target(target)
@@ -161,11 +161,9 @@ class BuiltinBackend:
 
         return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing, launch=self.target)
 
-    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
-        return inputs.call(config, M, routing_index)
-
-    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
-        return inputs.call(config, M, routing_index, up_only=True)
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0,
+             after_up: Any = None) -> Any:
+        return inputs.call(config, M, routing_index, after_up=after_up)
 
     def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config | ConfigPair,
                 out: Any) -> Any:

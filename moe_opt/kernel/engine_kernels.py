@@ -98,7 +98,7 @@ class EngineKernelBackend(BuiltinBackend):
     """
 
     specializes_on_m = True  # neither engine's fused_moe_kernel declares do_not_specialize for EM/num_valid_tokens
-    times_stages = True  # fused_moe(up_only=True) stops after GEMM1's stage, as for the builtin
+    times_stages = True  # fused_moe(after_up=...) marks the end of GEMM1's stage, as for the builtin
 
     def __init__(self, engine: str, source: str | Path):
         from .engine_source import load_engine_source
@@ -144,18 +144,14 @@ class EngineKernelBackend(BuiltinBackend):
             d.setdefault(key, value)
         return Config.from_dict(d)
 
-    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0,
+             after_up: Any = None) -> Any:
         x, routing, out = inputs.for_batch(M)
         weights, ids = routing[routing_index % len(routing)]
-        return self.forward(inputs, x, weights, ids, config, out)
-
-    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
-        x, routing, out = inputs.for_batch(M)
-        weights, ids = routing[routing_index % len(routing)]
-        return self.forward(inputs, x, weights, ids, config, out, up_only=True)
+        return self.forward(inputs, x, weights, ids, config, out, after_up=after_up)
 
     def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config | ConfigPair,
-                out: Any, up_only: bool = False) -> Any:
+                out: Any, after_up: Any = None) -> Any:
         from .fused_moe import fused_moe
 
         launch = self.source.launch
@@ -163,7 +159,7 @@ class EngineKernelBackend(BuiltinBackend):
                   else vllm_invoke(launch, topk_weights))
         up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
         return fused_moe(x, inputs.w1, inputs.w2, topk_weights, topk_ids, up, config_down=down, out=out,
-                         up_only=up_only, launch=self.target, invoke=invoke, **inputs.kwargs)
+                         after_up=after_up, launch=self.target, invoke=invoke, **inputs.kwargs)
 
 
 def engine_kernel_backend(ref: str) -> EngineKernelBackend:

@@ -85,13 +85,13 @@ class EngineBackend(BuiltinBackend):
 
         return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing)
 
-    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0) -> Any:
+    def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0,
+             after_up: Any = None) -> Any:
+        if after_up is not None:
+            raise NotImplementedError(f"{self.package}'s fused_experts times the whole call only (no pair tune)")
         x, routing, out = inputs.for_batch(M)
         weights, ids = routing[routing_index % len(routing)]
         return self.forward(inputs, x, weights, ids, config, out)
-
-    def call_up(self, inputs: Any, config: Config, M: int, routing_index: int = 0) -> Any:
-        raise NotImplementedError(f"{self.package}'s fused_experts times the whole call only (no pair tune)")
 
     def forward(self, inputs: Any, x: Any, topk_weights: Any, topk_ids: Any, config: Config | ConfigPair,
                 out: Any) -> Any:

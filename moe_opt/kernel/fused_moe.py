@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -191,7 +191,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
               w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, config_down: Config | Mapping[str, int] | None = None,
               out: torch.Tensor | None = None, up_only: bool = False, launch: str = "sglang",
-              invoke: Callable[..., None] | None = None) -> torch.Tensor:
+              invoke: Callable[..., None] | None = None, after_up: Callable[[], Any] | None = None) -> torch.Tensor:
     """Fused Mixture-of-Experts layer: ``sum_k w_k * (act(x @ w1[e_k].T) @ w2[e_k].T)`` for each token.
 
     Args:
@@ -223,9 +223,10 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         a1_scale, a2_scale: static per-tensor activation scales (1 element) for per-tensor fp8/int8; computed
             dynamically from the data when None. Ignored for block-wise fp8 (always per token group).
         out: optional (M, K) output tensor.
-        up_only: stop after GEMM1's stage (alignment, GEMM1, activation) and return GEMM2's input: how a pair
-            tune times GEMM1's stage alone (measure/cuda_graph.py); GEMM2's is the rest of the call. With USE_TMA
+        up_only: stop after GEMM1's stage (alignment, GEMM1, activation) and return GEMM2's input. With USE_TMA
             in the down config that input is expert-sorted, one row per position of the alignment.
+        after_up: called between GEMM1's stage and GEMM2 (with nothing launched in between): how a pair tune's
+            timer records an event there, inside the whole call's CUDA graph (measure/cuda_graph.py).
         launch: whose launch rules to follow: "sglang" (moe_align_block_size always; the grid covers the whole
             sorted_token_ids) or "vllm" (vLLM's fused_experts_impl: below M * topk * 4 <= E each (token, expert)
             pair gets a block of its own without alignment; the grid trimmed to M * topk * BLOCK_SIZE_M rows where
@@ -334,6 +335,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         a2, a2s = act.swiglu(h, swiglu_limit), None
     if up_only:
         return a2
+    if after_up is not None:
+        after_up()
 
     # GEMM2: (M*topk, N) x (E, K, N) -> (M*topk, K), times the routed weight of each slot.
     y = torch.empty(M * topk, K, dtype=dtype, device=x.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import torch
 
@@ -92,13 +93,15 @@ class MoeInputs:
             self._active[M] = statistics.mean(len(torch.unique(ids)) for _, ids in routing)
         return self._active[M]
 
-    def call(self, config: Config | ConfigPair, M: int, routing_index: int = 0, *, up_only: bool = False) -> torch.Tensor:
+    def call(self, config: Config | ConfigPair, M: int, routing_index: int = 0, *, up_only: bool = False,
+             after_up: Any = None) -> torch.Tensor:
         """One fused-MoE call at batch size M with the ``routing_index``-th routing draw; a ConfigPair runs each
-        GEMM with its own config; ``up_only`` stops after GEMM1's stage."""
+        GEMM with its own config; ``up_only`` stops after GEMM1's stage; ``after_up`` is called between the stages
+        (fused_moe's)."""
         x, routing, out = self.for_batch(M)
         weights, ids = routing[routing_index % len(routing)]
         up, down = (config.up, config.down) if isinstance(config, ConfigPair) else (config, None)
         return fused_moe(x, self.w1, self.w2, weights, ids, up, config_down=down, out=out, up_only=up_only,
-                         launch=self.launch, **self.kwargs)
+                         launch=self.launch, after_up=after_up, **self.kwargs)
 
 

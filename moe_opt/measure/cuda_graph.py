@@ -92,21 +92,29 @@ class CudaGraphTimer:
 
     def _measure(self, config: Config | ConfigPair, M: int) -> Measurement:
         call = partial(self.backend.call, self.inputs, config, M)
-        latency, times_us = self._time(call)
+        split = self.split_stages and isinstance(config, Config)
+        latency, times_us, up_us = self._time(call, split)
         active = self.inputs.active_experts(M)
         attrs = {"tflops": moe_flops(self.spec, M) / latency / 1e6,
                  "gbps": moe_min_bytes(self.spec, M, active) / latency / 1e3,
                  "replay_spread": (max(times_us) - min(times_us)) / latency}
-        if self.split_stages and isinstance(config, Config):
-            # GEMM1's stage (alignment, GEMM1, activation) timed alone, GEMM2's as the rest of the whole call: a
-            # separate GEMM2 graph would read GEMM1's output from HBM after the flush, not from L2 as serving does.
-            up_us, _ = self._time(partial(self.backend.call_up, self.inputs, config, M))
+        if split:
             attrs.update(up_us=up_us, down_us=max(latency - up_us, 1e-3 * latency))
         return Measurement(latency, None, attrs)
 
-    def _time(self, call) -> tuple[float, list[float]]:
-        """(median µs per call, every replay's µs per call) of ``call(routing_index=i)`` for i < calls_per_graph,
-        captured in one CUDA graph, the L2 flushed before each replay."""
+    def _time(self, call, split: bool = False) -> tuple[float, list[float], float | None]:
+        """(median µs per call, every replay's µs per call, median µs of GEMM1's stage per call or None) of
+        ``call(routing_index=i)`` for i < calls_per_graph, captured in one CUDA graph, the L2 flushed before each
+        replay.
+
+        ``split``: GEMM1's stage (alignment, GEMM1, activation) is timed inside the same graph, by an event before
+        each call and one the call records between its stages (``after_up``); GEMM2's stage is the rest of the
+        whole call. One graph serves both: a graph of GEMM1's stage alone doubled the GPU time of a pair tune's
+        measurement, and a separate GEMM2 graph would read GEMM1's output from HBM after the flush, not from L2
+        as serving does."""
+        marks = [(torch.cuda.Event(enable_timing=True, external=True),
+                  torch.cuda.Event(enable_timing=True, external=True)) for _ in range(self.calls_per_graph)] \
+            if split else None
         call()  # compiles (or loads from Triton's cache) outside the graph
         torch.cuda.synchronize()
         stream = self._stream
@@ -119,7 +127,11 @@ class CudaGraphTimer:
             graph.capture_begin(pool=self._pool.id)
             try:
                 for i in range(self.calls_per_graph):
-                    call(routing_index=i)
+                    if marks is None:
+                        call(routing_index=i)
+                    else:  # external events: record nodes in the graph, timed at every replay
+                        marks[i][0].record()
+                        call(routing_index=i, after_up=marks[i][1].record)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
@@ -127,7 +139,7 @@ class CudaGraphTimer:
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
-        times_us = []
+        times_us, up_times_us = [], []
         for _ in range(self.replays):
             self._flush.zero_()
             start.record()
@@ -135,8 +147,10 @@ class CudaGraphTimer:
             end.record()
             end.synchronize()
             times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
+            if marks is not None:
+                up_times_us.append(sum(a.elapsed_time(b) for a, b in marks) * 1000.0 / self.calls_per_graph)
         self._pool.keep(graph)
-        return statistics.median(times_us), times_us
+        return statistics.median(times_us), times_us, statistics.median(up_times_us) if marks else None
 
 
 class _GraphPool:
