@@ -461,3 +461,43 @@ def test_the_search_state_never_offers_a_config_it_has_tried_at_that_batch_size(
     # A state built from what another one learned (a resumed tune) offers the same.
     rebuilt = SearchState(candidates, measured=state.measured, failed=state.failed, failed_at=state.failed_at)
     assert rebuilt.open_candidates(16) == candidates[3:] and rebuilt.open_candidates(1) == state.open_candidates(1)
+
+
+def test_the_search_states_predictions_are_the_kernel_weighted_average_of_every_measurement():
+    import numpy as np
+
+    from moe_opt.search import surrogate
+    from moe_opt.search.surrogate import SearchState
+
+    candidates = [Config(m, n, k, 32, w, 3) for m in (16, 32, 64) for n in (64, 128) for k in (64, 128)
+                  for w in (4, 8)]
+    state = SearchState(candidates)
+    latency = {(M, c): 10.0 + 3 * i + M / 8 for i, c in enumerate(candidates) for M in (16, 64, 256)}
+    for (M, c), us in list(latency.items())[::3]:
+        state.record(M, c, us)
+    state.record(16, Config(128, 64, 128, 32, 4, 3), 9.0)  # outside the candidates: sets M=16's best only
+    state.record(64, candidates[4], 12.5)  # a config measured again: its newer latency replaces the first
+    state.record(64, candidates[4], 11.0)
+    sibling = state.sibling()  # shares the geometry, learns nothing of this state's measurements
+    assert sibling.geometry is state.geometry and not sibling.measured
+
+    def direct(M: int) -> tuple[np.ndarray, np.ndarray]:
+        num = np.full(len(candidates), surrogate.PRIOR_WEIGHT * surrogate.PRIOR_LOG_RATIO)
+        den = np.full(len(candidates), surrogate.PRIOR_WEIGHT)
+        for m, results in state.measured.items():
+            w = 1.0 if m == M else surrogate.OTHER_M_WEIGHT * math.exp(-surrogate.BATCH_DECAY * abs(math.log2(m / M)))
+            best = min(results.values())
+            for c, us in results.items():
+                if c in candidates:
+                    k = w * state.geometry.similarity[:, candidates.index(c)]
+                    num += k * math.log(us / best)
+                    den += k
+        return num / den, 1 / np.sqrt(den)
+
+    for M in (16, 64, 128, 1024):
+        (mean, sigma), (want_mean, want_sigma) = state.predict(M), direct(M)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sigma, want_sigma, rtol=1e-9)
+    # A state built from another's measurements (a resumed tune) predicts the same.
+    rebuilt = SearchState(candidates, measured=state.measured)
+    np.testing.assert_allclose(rebuilt.predict(64)[0], state.predict(64)[0], rtol=1e-9, atol=1e-12)

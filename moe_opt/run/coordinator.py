@@ -143,6 +143,7 @@ class Coordinator:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._held: dict[int, tuple[optuna.Study, optuna.Trial]] = {}  # the trials this process claimed and runs
         self._recorded: dict[str, set[int]] = {}  # per study, the trials already fed to the search state
+        self._queued: dict[str, list[Config]] = {}  # per study, its WAITING trials' configs at the last scan
         self._beat_lock = threading.Lock()
 
     # Heartbeats.
@@ -236,6 +237,11 @@ class Coordinator:
                     return result
             return BUSY
 
+    def queued(self, study: optuna.Study) -> list[Config]:
+        """The configs of ``study``'s queued trials (warm start, retries) as this process last read them under the
+        lock (every claim reads them; the compile-ahead takes them from here instead of reading again)."""
+        return self._queued.get(study.study_name, [])
+
     def reap(self, study: optuna.Study) -> None:
         """Fail the stale trials of a study now (a tune does this first, so their retries come first)."""
         with self.lock:
@@ -266,6 +272,7 @@ class Coordinator:
                 if strategy is not None and t.number not in recorded:
                     observe(strategy, M, t)
                     recorded.add(t.number)
+        self._queued[study.study_name] = list(waiting.values())
         return counted, n_running, running, waiting
 
     def _claim_once(self, study, M, strategy: Strategy, n_trials: int):

@@ -27,7 +27,7 @@ from ..measure.base import AsyncMeasurer, Measurement, describe_failure
 from ..search.base import Strategy
 from ..space import Config
 from ..store.results import DOWN_ATTR, UP_ATTR
-from ..store.schema import config_of, is_compile_failure
+from ..store.schema import is_compile_failure
 from ..store.trial_writes import finish_trial
 from ..view.notes import refresh_study_note
 from .coordinator import BUSY, DONE
@@ -208,7 +208,7 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                                     pending[M] = c
                                     pool.ensure([(c.config, M)])
                         if told_since_ahead >= len(order) - len(done):
-                            _compile_ahead(pool, studies, strategy, [M for M in order if M not in done])
+                            _compile_ahead(pool, studies, strategy, coord, [M for M in order if M not in done])
                             told_since_ahead = 0
                     while len(inflight) < depth and not (flag.stop or out_of_time()):
                         c = next_claim(block=not inflight)
@@ -243,12 +243,11 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
     return flag.stop
 
 
-def _compile_ahead(pool: Any, studies: dict[int, optuna.Study], strategy: Strategy, open_ms: list[int]) -> None:
+def _compile_ahead(pool: Any, studies: dict[int, optuna.Study], strategy: Strategy, coord: Any,
+                   open_ms: list[int]) -> None:
     """Compile what each batch size will likely run next while the GPU measures: the queued configs (warm start,
-    retries), then speculatively the search's next likely proposals."""
-    queued = ((config_of(t), M) for M in open_ms
-              for t in studies[M].get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    pool.ensure((c, M) for c, M in queued if c is not None)
+    retries) as the last claim read them, then speculatively the search's next likely proposals."""
+    pool.ensure((c, M) for M in open_ms for c in coord.queued(studies[M]))
     pool.ensure(((c, M) for M in open_ms for c in strategy.lookahead(M, LOOKAHEAD)), speculative=True)
 
 

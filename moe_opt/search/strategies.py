@@ -35,7 +35,7 @@ class PairStrategy(MoeStrategy):
 
     def __init__(self, state: SearchState, choices: dict[str, Sequence[int]], seed: int | None = None):
         super().__init__(state, choices, seed)
-        self.stage_states = {"up": SearchState(state.candidates), "down": SearchState(state.candidates)}
+        self.stage_states = {"up": state.sibling(), "down": state.sibling()}
         self._turn: dict[int, int] = {}
 
     def observe(self, M: int, config: Config, latency_us: float | None, *, compile_failure: bool = False,

@@ -56,62 +56,103 @@ def is_latency(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+class Geometry:
+    """What the search knows about a list of candidates before measuring anything: each candidate's steps along
+    the tunables' ordered choices, the similarity of every pair, and the local moves. Computed once per tune and
+    shared by every search state over the same candidates (a pair tune keeps three)."""
+
+    def __init__(self, candidates: list[Config]):
+        self.candidates = candidates
+        self.index = {c: i for i, c in enumerate(candidates)}
+        choices = [sorted({getattr(c, p) for c in candidates}) for p in FEATURES]
+        steps = np.array([[choices[j].index(getattr(c, p)) for j, p in enumerate(FEATURES)]
+                          for c in candidates], dtype=np.float64)
+        decay = np.array([STEP_DECAY[p] for p in FEATURES])
+        # Similarity of every pair of candidates: exp(-sum of decayed step distances).
+        step_distance = np.abs(steps[:, None, :] - steps[None, :, :])
+        self.similarity = np.exp(-(step_distance @ decay))
+        # The local moves of the pattern search: one step along one tunable (ring 1), or along two (ring 2,
+        # e.g. a smaller BLOCK_SIZE_M with a larger BLOCK_SIZE_N, which single steps cannot reach past a ridge).
+        total_steps = step_distance.sum(axis=2)
+        self.rings = (total_steps == 1, (total_steps == 2) & (step_distance.max(axis=2) == 1))
+        # Exchange moves: one block size a step up, another a step down, the rest unchanged (a part of ring 2
+        # searched with ring 1: it keeps the tile's size about the same).
+        blocks = [PARAM_NAMES.index(p) for p in EXCHANGED]
+        signed = steps[:, None, blocks] - steps[None, :, blocks]
+        self.exchange = self.rings[1] & (np.abs(signed).sum(axis=2) == 2) & (signed.sum(axis=2) == 0)
+        self.steps = steps.astype(np.int64)
+        self.at_steps = {tuple(row): i for i, row in enumerate(self.steps)}
+
+
 @dataclass
 class SearchState:
     """What every study of one tune has learned, shared across batch sizes.
 
     Attributes:
         candidates: the configs allowed at all (grid filtered by block_k and the shared-memory estimate).
-        measured: {M: {config: latency_us}} of completed trials.
+        measured: {M: {config: latency_us}} of completed trials (written through :meth:`record` only).
         failed: configs that failed to compile; never proposed again at any batch size.
         failed_at: {M: configs that failed to run at that batch size}.
+        geometry: the candidates' :class:`Geometry`, when another state over the same candidates has it.
     """
 
     candidates: list[Config]
     measured: dict[int, dict[Config, float]] = field(default_factory=dict)
     failed: set[Config] = field(default_factory=set)
     failed_at: dict[int, set[Config]] = field(default_factory=dict)
+    geometry: Geometry | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._index = {c: i for i, c in enumerate(self.candidates)}
-        choices = [sorted({getattr(c, p) for c in self.candidates}) for p in FEATURES]
-        steps = np.array([[choices[j].index(getattr(c, p)) for j, p in enumerate(FEATURES)]
-                          for c in self.candidates], dtype=np.float64)
-        decay = np.array([STEP_DECAY[p] for p in FEATURES])
-        # Similarity of every pair of candidates, computed once: exp(-sum of decayed step distances).
-        step_distance = np.abs(steps[:, None, :] - steps[None, :, :])
-        self._similarity = np.exp(-(step_distance @ decay))
-        # The local moves of the pattern search: one step along one tunable (ring 1), or along two (ring 2,
-        # e.g. a smaller BLOCK_SIZE_M with a larger BLOCK_SIZE_N, which single steps cannot reach past a ridge).
-        total_steps = step_distance.sum(axis=2)
-        self._rings = (total_steps == 1, (total_steps == 2) & (step_distance.max(axis=2) == 1))
-        # Exchange moves: one block size a step up, another a step down, the rest unchanged (a part of ring 2
-        # searched with ring 1: it keeps the tile's size about the same).
-        blocks = [PARAM_NAMES.index(p) for p in EXCHANGED]
-        signed = steps[:, None, blocks] - steps[None, :, blocks]
-        self._exchange = self._rings[1] & (np.abs(signed).sum(axis=2) == 2) & (signed.sum(axis=2) == 0)
-        self._steps = steps.astype(np.int64)
+        if self.geometry is None or self.geometry.candidates != self.candidates:
+            self.geometry = Geometry(self.candidates)
+        g = self.geometry
+        self._index, self._similarity, self._rings, self._exchange = g.index, g.similarity, g.rings, g.exchange
+        self._steps, self._at_steps = g.steps, g.at_steps
         # What record() has seen, as masks over the candidates (open_candidates runs on every proposal).
         self._failed_mask = np.zeros(len(self.candidates), dtype=bool)
         self._tried_mask: dict[int, np.ndarray] = {}
+        # Per batch size, the model's sums over its measured candidates i: similarity[:, i] * log(latency_i) and
+        # similarity[:, i]; a prediction needs only these and the batch size's best (predict() says why).
+        self._sum_log: dict[int, np.ndarray] = {}
+        self._sum_sim: dict[int, np.ndarray] = {}
         for config in self.failed:
             self._mark(None, config)
         for M, configs in [*self.measured.items(), *self.failed_at.items()]:
             for config in configs:
                 self._mark(M, config)
-        self._at_steps = {tuple(row): i for i, row in enumerate(self._steps)}
+        for M, results in self.measured.items():
+            for config, latency_us in results.items():
+                self._add(M, config, latency_us, 1.0)
+
+    def sibling(self) -> SearchState:
+        """An empty state over the same candidates, sharing their geometry (a pair tune's per-GEMM states)."""
+        return SearchState(self.candidates, geometry=self.geometry)
 
     def record(self, M: int, config: Config, latency_us: float | None, compile_failure: bool = False) -> None:
         """One outcome. A latency that is not a finite number > 0 (a study written before such values were
         refused, or a measurer's bug) counts as a failure at M: the model takes logs of latency ratios."""
         if is_latency(latency_us):
-            self.measured.setdefault(M, {})[config] = float(latency_us)
+            results = self.measured.setdefault(M, {})
+            if config in results:  # the same trial observed again, or a config re-measured: replace it
+                self._add(M, config, results[config], -1.0)
+            results[config] = float(latency_us)
+            self._add(M, config, results[config], 1.0)
         elif compile_failure:
             self.failed.add(config)
             M = None
         else:
             self.failed_at.setdefault(M, set()).add(config)
         self._mark(M, config)
+
+    def _add(self, M: int, config: Config, latency_us: float, sign: float) -> None:
+        """Add (sign 1) or take out (-1) one measurement's terms of the model's sums at M."""
+        i = self._index.get(config)
+        if i is None:
+            return
+        n = len(self.candidates)
+        column = self._similarity[:, i]
+        self._sum_log.setdefault(M, np.zeros(n))[:] += sign * math.log(latency_us) * column
+        self._sum_sim.setdefault(M, np.zeros(n))[:] += sign * column
 
     def _mark(self, M: int | None, config: Config) -> None:
         """``config`` tried at M (None: failed to compile, so tried at every M) in the masks."""
@@ -132,21 +173,21 @@ class SearchState:
         return [self.candidates[i] for i in np.flatnonzero(~tried)]
 
     def predict(self, M: int) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted log-ratio to the best, uncertainty) for every candidate at batch size M."""
+        """(predicted log-ratio to the best, uncertainty) for every candidate at batch size M.
+
+        Each measurement (config i, batch size m) adds weight_m * similarity[:, i] * log(latency_i / best_m) to the
+        numerator and weight_m * similarity[:, i] to the denominator. Summed over i at one m, that is weight_m times
+        (sum_log[m] - log(best_m) * sum_sim[m]) and weight_m * sum_sim[m]: record() keeps those two sums, so a
+        prediction costs one vector operation per measured batch size, not one per measurement."""
         num = np.full(len(self.candidates), PRIOR_WEIGHT * PRIOR_LOG_RATIO)
         den = np.full(len(self.candidates), PRIOR_WEIGHT)
         for m, results in self.measured.items():
-            if not results:
+            if not results or m not in self._sum_sim:
                 continue
             weight_m = 1.0 if m == M else OTHER_M_WEIGHT * math.exp(-BATCH_DECAY * abs(math.log2(m / M)))
-            best = min(results.values())
-            rows = [self._index[c] for c in results if c in self._index]
-            if not rows:
-                continue
-            y = np.array([math.log(results[self.candidates[r]] / best) for r in rows])
-            k = weight_m * self._similarity[:, rows]
-            num += k @ y
-            den += k.sum(axis=1)
+            log_best = math.log(min(results.values()))
+            num += weight_m * (self._sum_log[m] - log_best * self._sum_sim[m])
+            den += weight_m * self._sum_sim[m]
         return num / den, 1.0 / np.sqrt(den)
 
     def propose(self, M: int, rng: random.Random, exclude: set[Config] = frozenset()) -> Config | None:
