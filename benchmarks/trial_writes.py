@@ -40,7 +40,7 @@ def optuna_api(study, user_attrs):
 
 def one_transaction(study, user_attrs):
     t0 = time.perf_counter()
-    trial_id = create_running_trial(study, PARAMS, DISTRIBUTIONS, STAMP)
+    trial_id, _ = create_running_trial(study, PARAMS, DISTRIBUTIONS, STAMP)
     t1 = time.perf_counter()
     finish_trial(study, trial_id, TrialState.COMPLETE, 1.0, user_attrs)
     return t1 - t0, time.perf_counter() - t1

@@ -51,7 +51,8 @@ def written_by_optuna(study, state, value, user_attrs) -> int:
 
 
 def written_here(study, state, value, user_attrs) -> int:
-    trial_id = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
+    trial_id, number = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
+    assert study._storage.get_trial(trial_id).number == number  # numbered as Optuna numbers its own
     assert finish_trial(study, trial_id, state, value, user_attrs)
     return trial_id
 
@@ -208,7 +209,7 @@ def test_the_same_study_object_sees_a_trial_created_and_finished_behind_its_cach
     assert isinstance(study._storage, optuna.storages._CachedStorage)
     written_by_optuna(study, TrialState.COMPLETE, 5.0, {})
     assert len(study.get_trials()) == 1  # the cache now holds trial 0 as finished
-    ours = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
+    ours, _ = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
     later = written_by_optuna(study, TrialState.COMPLETE, 4.0, {})  # a newer finished trial than ours
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.COMPLETE]
@@ -222,7 +223,7 @@ def test_the_same_study_object_sees_a_trial_created_and_finished_behind_its_cach
 def test_finishing_a_trial_another_process_failed_returns_false_and_keeps_the_failure(storage, request):
     store, _ = storage
     study = new_study(store, request)
-    trial_id = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
+    trial_id, _ = create_running_trial(study, PARAMS, DISTRIBUTIONS, SYSTEM_ATTRS)
     study.get_trials()  # cached while RUNNING
     study._storage.set_trial_user_attr(trial_id, "error", "Interrupted: worker h:7 is gone")
     study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
@@ -253,7 +254,7 @@ study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
 dists = {"x": CategoricalDistribution([0, 1])}
 for i in range(int(sys.argv[2])):
     if i % 3:
-        trial_id = create_running_trial(study, {"x": i % 2}, dists, {"writer": sys.argv[3]})
+        trial_id, _ = create_running_trial(study, {"x": i % 2}, dists, {"writer": sys.argv[3]})
         assert finish_trial(study, trial_id, TrialState.COMPLETE, float(i), {})
     else:  # Optuna's own writes, interleaved
         trial = study.ask({"x": dists["x"]})

@@ -59,8 +59,9 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     A contender that fails on re-measurement (a flaky launch) gets no confirmed latency and keeps its trial value.
 
     ``whole_call``: the measurer times GEMM1's stage apart for every Config (a pair tune's measurer); contenders are
-    then submitted as ``ConfigPair(c, c)``, the same call, which such a measurer times once as a whole: only whole
-    calls are compared here, and the stage's second CUDA graph would double the time this step takes.
+    then submitted as ``ConfigPair(c, c)``, the same call, which such a measurer times as a whole only: the
+    latencies compared and exported here are whole calls, without the stage's timing events (about 8 µs a call on
+    the H200, docs/tuning.md).
 
     Example:
         >>> confirm(studies, measurer, defaults)  # after the search; tune() does this  # doctest: +SKIP

@@ -30,7 +30,7 @@ from ..store.results import DOWN_ATTR, UP_ATTR
 from ..store.schema import is_compile_failure
 from ..store.trial_writes import finish_trial
 from ..view.notes import refresh_study_note
-from .coordinator import BUSY, DONE
+from .coordinator import BUSY, DONE, CreatedTrial
 
 LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
 BUSY_POLL_S = 0.5  # how often a process whose batch sizes all run elsewhere looks again
@@ -43,7 +43,7 @@ class Claim:
 
     M: int
     study: optuna.Study
-    trial: optuna.Trial
+    trial: optuna.Trial | CreatedTrial  # Optuna's where the claim asked Optuna, else the one it created
     config: Config
 
 
@@ -251,7 +251,7 @@ def _compile_ahead(pool: Any, studies: dict[int, optuna.Study], strategy: Strate
     pool.ensure(((c, M) for M in open_ms for c in strategy.lookahead(M, LOOKAHEAD)), speculative=True)
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, config: Config, m: Measurement, strategy: Strategy,
+def tell(study: optuna.Study, trial: optuna.Trial | CreatedTrial, config: Config, m: Measurement, strategy: Strategy,
          M: int) -> bool:
     """Record a measurement; False if another process failed the trial meanwhile (its heartbeat looked stale:
     the config is retried, this measurement dropped)."""

@@ -37,16 +37,17 @@ _writers: weakref.WeakKeyDictionary[Any, _Writer | None] = weakref.WeakKeyDictio
 
 
 def create_running_trial(study: optuna.Study, params: dict[str, Any], distributions: dict[str, BaseDistribution],
-                         system_attrs: dict[str, Any]) -> int:
+                         system_attrs: dict[str, Any]) -> tuple[int, int]:
     """Create a RUNNING trial of ``params`` (external values, one distribution each) with ``system_attrs``, in one
     transaction (through Optuna's template ``create_new_trial`` where the storage is not one checked here); its
-    number is assigned as Optuna does. Returns the trial id.
+    number is assigned as Optuna does. Returns (trial id, trial number).
 
     Example:
         >>> from optuna.distributions import CategoricalDistribution
         >>> study = optuna.create_study(storage="sqlite:///:memory:")
-        >>> trial_id = create_running_trial(study, {"num_warps": 4}, {"num_warps": CategoricalDistribution([4, 8])},
-        ...                                 {"moe_opt:worker": {"pid": 1}})
+        >>> create_running_trial(study, {"num_warps": 4}, {"num_warps": CategoricalDistribution([4, 8])},
+        ...                      {"moe_opt:worker": {"pid": 1}})
+        (1, 0)
         >>> study.get_trials()[0].params, study.get_trials()[0].state.name
         ({'num_warps': 4}, 'RUNNING')
     """
@@ -57,7 +58,8 @@ def create_running_trial(study: optuna.Study, params: dict[str, Any], distributi
                            datetime_start=datetime.datetime.now(), datetime_complete=None,
                            params=dict(params), distributions=dict(distributions), user_attrs={},
                            system_attrs=dict(system_attrs), intermediate_values={}, trial_id=-1)
-    return study._storage.create_new_trial(study._study_id, template_trial=template)
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return trial_id, study._storage.get_trial(trial_id).number
 
 
 def finish_trial(study: optuna.Study, trial_id: int, state: TrialState, value: float | None,
@@ -136,7 +138,7 @@ class _Writer:
         return getattr(row, column.key)
 
     def create(self, study_id: int, params: dict[str, Any], distributions: dict[str, BaseDistribution],
-               system_attrs: dict[str, Any]) -> int:
+               system_attrs: dict[str, Any]) -> tuple[int, int]:
         from optuna.distributions import distribution_to_json
         from sqlalchemy import func, select
 
@@ -165,7 +167,7 @@ class _Writer:
                 conn.execute(self.system_attrs.insert(), [
                     {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
                     for key, value in system_attrs.items()])
-        return trial_id
+        return trial_id, number
 
     def _check_distributions(self, conn: Any, study_id: int, distributions: dict[str, BaseDistribution],
                              dists: dict[str, str]) -> None:
