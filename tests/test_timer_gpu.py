@@ -64,3 +64,14 @@ def test_a_pair_tunes_measurement_times_gemm1s_stage_inside_the_whole_call():
     # A config per GEMM is the whole call only (the re-measuring step's): no stage events, no stage times.
     pair = timer.measure(ConfigPair(CONFIGS[0], CONFIGS[0]), 64)
     assert pair.ok and "up_us" not in pair.attrs
+
+
+def test_a_measurement_told_to_stop_above_a_latency_times_one_replay_where_it_is_slower():
+    timer = CudaGraphTimer(SPEC, split_stages=True)
+    full = timer.measure(CONFIGS[1], 64)
+    assert full.ok and "replays" not in full.attrs
+    stopped = timer.measure(CONFIGS[1], 64, stop_above_us=full.latency_us / 10)
+    assert stopped.ok and stopped.attrs["replays"] == 1 and stopped.attrs["up_us"] > 0
+    assert stopped.attrs["stopped_above_us"] == full.latency_us / 10
+    kept = timer.measure(CONFIGS[1], 64, stop_above_us=full.latency_us * 10)  # faster than told: every replay
+    assert kept.ok and "replays" not in kept.attrs

@@ -501,3 +501,34 @@ def test_the_search_states_predictions_are_the_kernel_weighted_average_of_every_
     # A state built from another's measurements (a resumed tune) predicts the same.
     rebuilt = SearchState(candidates, measured=state.measured)
     np.testing.assert_allclose(rebuilt.predict(64)[0], state.predict(64)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_a_measurer_that_stops_early_is_told_a_margin_over_the_batch_sizes_best_so_far(tmp_path):
+    from moe_opt.run.scheduler import STOP_ABOVE_BEST
+
+    class StoppingTable(ReplayTable):
+        """A table that declares stops_early and records what each measurement was told."""
+
+        def __init__(self, path):
+            super().__init__(path)
+            self.info = dataclasses.replace(self.info, stops_early=True)
+            self.told = []
+
+        def measure(self, config, M, stop_above_us=None):
+            m = super().measure(config, M)
+            self.told.append((M, stop_above_us, m.latency_us))
+            return m
+
+    measurer = StoppingTable(repo_path(QWEN_TABLE))
+    result = moe_opt.tune(replay=repo_path(QWEN_TABLE), measurer=measurer, batch_sizes=[1, 64], n_trials=8,
+                          storage=f"sqlite:///{tmp_path}/s.db", output_dir=None, progress=False)
+    assert result.trials_used == {1: 8, 64: 8}
+    for M in (1, 64):
+        told = [(stop, us) for m, stop, us in measurer.told if m == M]
+        trials, after = told[:8], told[8:]  # the trial loop, then re-measuring the contenders
+        assert trials[0][0] is None  # the first trial has nothing to be compared with
+        best = trials[0][1]
+        for stop, us in trials[1:]:
+            assert stop == pytest.approx(STOP_ABOVE_BEST * best)
+            best = min(best, us)
+        assert after and all(stop is None for stop, _ in after)  # re-measuring never stops early

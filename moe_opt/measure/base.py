@@ -51,6 +51,9 @@ class MeasurerInfo:
         kind: "cuda_graph", "interpreter", "replay" or "custom"; a cuda_graph measurer gets a compile pool.
         tma: the device can load through tensor descriptors (Hopper's TMA, kernel/tma.py): only then the space
             offers USE_TMA. False for the interpreter; a replay table's says whether it recorded USE_TMA configs.
+        stops_early: ``measure`` (and ``submit``) take ``stop_above_us``: a config whose first timed replay is
+            slower than that is reported from that replay alone (the search passes a margin over the batch size's
+            best; such a config's exact latency does not matter). The CUDA-graph timer does.
     """
 
     device_name: str
@@ -60,6 +63,7 @@ class MeasurerInfo:
     shared_memory_bytes: int = HOPPER_SHARED_MEMORY_BYTES
     kind: str = "custom"
     tma: bool = False
+    stops_early: bool = False
 
 
 @runtime_checkable

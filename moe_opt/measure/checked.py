@@ -20,8 +20,10 @@ class CheckedMeasurer:
         self.inner = measurer
         self.info = custom_info(measurer)
 
-    def measure(self, config: Config, M: int) -> Measurement:
-        return checked_measurement(self.inner.measure(config, M), self.inner)
+    def measure(self, config: Config, M: int, **options) -> Measurement:
+        """The inner measurer's result, checked; ``options`` (``stop_above_us``, where its info declares
+        stops_early) passed on."""
+        return checked_measurement(self.inner.measure(config, M, **options), self.inner)
 
 
 def check_measurer(measurer: Any) -> CheckedMeasurer:
@@ -29,7 +31,7 @@ def check_measurer(measurer: Any) -> CheckedMeasurer:
     where ``measurer`` is one (the scheduler and the guard ask with isinstance)."""
     methods: dict[str, Callable] = {}
     if isinstance(measurer, AsyncMeasurer):
-        methods["submit"] = lambda self, config, M: self.inner.submit(config, M)
+        methods["submit"] = lambda self, config, M, **options: self.inner.submit(config, M, **options)
         methods["collect"] = lambda self: checked_measurement(self.inner.collect(), self.inner)
     if isinstance(measurer, KernelRunner):
         methods["run_with_inputs"] = lambda self, fn, *args: self.inner.run_with_inputs(fn, *args)

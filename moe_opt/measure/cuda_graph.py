@@ -30,7 +30,7 @@ def cuda_graph_info(device: str | torch.device = "cuda", calls_per_graph: int = 
     return MeasurerInfo(device_name=props.name, source=props.name,
                         description=cuda_graph_description(props.name, calls_per_graph, replays),
                         is_performance=True, shared_memory_bytes=int(smem), kind="cuda_graph",
-                        tma=device_supports_tma(device))
+                        tma=device_supports_tma(device), stops_early=True)
 
 
 class CudaGraphTimer:
@@ -64,10 +64,12 @@ class CudaGraphTimer:
             self._stream = torch.cuda.Stream()  # the capture stream, one for every graph
             self._pool = _GraphPool(self.device)
 
-    def measure(self, config: Config | ConfigPair, M: int) -> Measurement:
+    def measure(self, config: Config | ConfigPair, M: int, stop_above_us: float | None = None) -> Measurement:
+        """The config's Measurement at M; with ``stop_above_us``, one timed replay only where that one is
+        slower (attrs ``replays``: 1), the rest skipped (MeasurerInfo.stops_early)."""
         try:
             with torch.cuda.device(self.device):
-                return self._measure(config, M)
+                return self._measure(config, M, stop_above_us)
         except Exception as exc:  # a config that does not compile or launch is a result, not a crash
             try:
                 torch.cuda.synchronize(self.device)
@@ -90,19 +92,22 @@ class CudaGraphTimer:
         except Exception:
             return False
 
-    def _measure(self, config: Config | ConfigPair, M: int) -> Measurement:
+    def _measure(self, config: Config | ConfigPair, M: int, stop_above_us: float | None = None) -> Measurement:
         call = partial(self.backend.call, self.inputs, config, M)
         split = self.split_stages and isinstance(config, Config)
-        latency, times_us, up_us = self._time(call, split)
+        latency, times_us, up_us = self._time(call, split, stop_above_us)
         active = self.inputs.active_experts(M)
         attrs = {"tflops": moe_flops(self.spec, M) / latency / 1e6,
                  "gbps": moe_min_bytes(self.spec, M, active) / latency / 1e3,
                  "replay_spread": (max(times_us) - min(times_us)) / latency}
         if split:
             attrs.update(up_us=up_us, down_us=max(latency - up_us, 1e-3 * latency))
+        if len(times_us) < self.replays:
+            attrs.update(replays=len(times_us), stopped_above_us=stop_above_us)
         return Measurement(latency, None, attrs)
 
-    def _time(self, call, split: bool = False) -> tuple[float, list[float], float | None]:
+    def _time(self, call, split: bool = False,
+              stop_above_us: float | None = None) -> tuple[float, list[float], float | None]:
         """(median µs per call, every replay's µs per call, median µs of GEMM1's stage per call or None) of
         ``call(routing_index=i)`` for i < calls_per_graph, captured in one CUDA graph, the L2 flushed before each
         replay.
@@ -111,7 +116,9 @@ class CudaGraphTimer:
         each call and one the call records between its stages (``after_up``); GEMM2's stage is the rest of the
         whole call. One graph serves both: a graph of GEMM1's stage alone doubled the GPU time of a pair tune's
         measurement, and a separate GEMM2 graph would read GEMM1's output from HBM after the flush, not from L2
-        as serving does."""
+        as serving does.
+
+        ``stop_above_us``: where the first timed replay's µs per call is above it, the other replays are skipped."""
         marks = [(torch.cuda.Event(enable_timing=True, external=True),
                   torch.cuda.Event(enable_timing=True, external=True)) for _ in range(self.calls_per_graph)] \
             if split else None
@@ -149,6 +156,8 @@ class CudaGraphTimer:
             times_us.append(start.elapsed_time(end) * 1000.0 / self.calls_per_graph)
             if marks is not None:
                 up_times_us.append(sum(a.elapsed_time(b) for a, b in marks) * 1000.0 / self.calls_per_graph)
+            if stop_above_us is not None and times_us[0] > stop_above_us:
+                break
         self._pool.keep(graph)
         return statistics.median(times_us), times_us, statistics.median(up_times_us) if marks else None
 

@@ -62,8 +62,8 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
             return
 
 
-def _measure(measurer, config: Config, M: int) -> Measurement:
-    return measurer.measure(config, M)
+def _measure(measurer, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
+    return measurer.measure(config, M) if stop_above_us is None else measurer.measure(config, M, stop_above_us)
 
 
 def _with_inputs(measurer, fn: Callable[..., Any], *args: Any) -> Any:
@@ -218,16 +218,17 @@ class IsolatedMeasurer:
         self.submit_call(fn, *args)
         return self.collect_call()
 
-    def measure(self, config: Config, M: int) -> Measurement:
+    def measure(self, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
         try:
-            return self.run(_measure, config, M)
+            return self.run(_measure, config, M, stop_above_us)
         except IsolatedFailure as exc:
             return Measurement(None, str(exc))
 
-    def submit(self, config: Config, M: int) -> None:
+    def submit(self, config: Config, M: int, stop_above_us: float | None = None) -> None:
         """Queue a measurement; :meth:`collect` returns it (the tuner keeps the next one queued behind the one
-        running, so the GPU does not wait while the tuning process writes the last result)."""
-        self.submit_call(_measure, config, M)
+        running, so the GPU does not wait while the tuning process writes the last result). ``stop_above_us``
+        only where the measurer in the child stops early (its info says so)."""
+        self.submit_call(_measure, config, M, stop_above_us)
 
     def collect(self) -> Measurement:
         try:

@@ -33,6 +33,11 @@ from ..view.notes import refresh_study_note
 from .coordinator import BUSY, DONE, CreatedTrial
 
 LOOKAHEAD = 3  # configs per batch size compiled ahead of being asked for
+# A trial whose first timed replay is this much slower than its batch size's best so far is not timed further
+# (where the measurer stops early, MeasurerInfo.stops_early): the search only needs to know it is slow, and the
+# replays skipped are the slow ones. The margin is meant to lie far above the differences between one
+# measurement's replays (each trial records them: replay_spread); re-measuring (confirm.py) never stops early.
+STOP_ABOVE_BEST = 1.2
 BUSY_POLL_S = 0.5  # how often a process whose batch sizes all run elsewhere looks again
 COMPILE_POLL_S = 0.5  # how long one wait for a compile lasts before the loop looks at Ctrl-C and the clock
 
@@ -57,14 +62,16 @@ class LoopTimes:
     compile_failed: int = 0  # claimed configs that failed to compile (told without measuring)
 
 
-def measure_one(measurer: Any, pool: Any, config: Config, M: int) -> Measurement:
+def measure_one(measurer: Any, pool: Any, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
     """Measure one config now: its compile's failure if it has one, else the measurer's result; never raises
-    (except TuneError: the measurer itself cannot work)."""
+    (except TuneError: the measurer itself cannot work). ``stop_above_us`` only for a measurer that stops early."""
     if pool is not None:
         failure = compile_failure(pool, config, M)
         if failure is not None:
             return Measurement(None, failure)
     try:
+        if stop_above_us is not None:
+            return measurer.measure(config, M, stop_above_us=stop_above_us)
         return measurer.measure(config, M)
     except TuneError:
         raise
@@ -88,17 +95,25 @@ class MeasureQueue:
     def __init__(self, measurer: Any):
         self.measurer = measurer
         self.asynchronous = isinstance(measurer, AsyncMeasurer)
+        info = getattr(measurer, "info", None)
+        self.stops_early = bool(getattr(info, "stops_early", False))
         self._waiting: deque = deque()
 
-    def submit(self, config: Config, M: int) -> None:
+    def submit(self, config: Config, M: int, stop_above_us: float | None = None) -> None:
+        """Queue one measurement; ``stop_above_us`` is passed on where the measurer stops early, else dropped."""
+        stop_above_us = stop_above_us if self.stops_early else None
         if self.asynchronous:
-            self.measurer.submit(config, M)
+            if stop_above_us is None:
+                self.measurer.submit(config, M)
+            else:
+                self.measurer.submit(config, M, stop_above_us=stop_above_us)
         else:
-            self._waiting.append((config, M))
+            self._waiting.append((config, M, stop_above_us))
 
     def collect(self) -> Measurement:
         if not self.asynchronous:
-            return measure_one(self.measurer, None, *self._waiting.popleft())
+            config, M, stop_above_us = self._waiting.popleft()
+            return measure_one(self.measurer, None, config, M, stop_above_us)
         try:
             return self.measurer.collect()
         except TuneError:
@@ -219,7 +234,8 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                             times.compile_failed += 1
                             finish(c, Measurement(None, failure))
                             continue
-                        queue.submit(c.config, c.M)
+                        best_us = strategy.best_us(c.M)
+                        queue.submit(c.config, c.M, None if best_us is None else STOP_ABOVE_BEST * best_us)
                         inflight.append(c)
                 if not inflight:
                     if stopping or len(done) == len(studies):

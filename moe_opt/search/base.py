@@ -3,7 +3,8 @@
 A strategy serves every batch size of one tune. The coordinator (run/coordinator.py) creates each batch size's
 Optuna study with ``strategy.sampler(M)``, tells it what other processes run (``exclude``), asks whether
 anything is left (``exhausted``), says what a new trial runs (``asked``) and feeds back every counted trial
-(``observe``); the scheduler compiles ``lookahead`` configs ahead. Nothing else about a strategy is read.
+(``observe``); the scheduler compiles ``lookahead`` configs ahead and asks ``best_us`` (how far to time a config
+that is clearly slower). Nothing else about a strategy is read.
 
 Every strategy shares one :class:`~moe_opt.search.surrogate.SearchState` (what all batch sizes measured), which
 also serves the warm start and the compile-ahead guesses.
@@ -76,6 +77,11 @@ class Strategy:
 
     def tried(self, M: int) -> set[Config]:
         return self.state.tried(M)
+
+    def best_us(self, M: int) -> float | None:
+        """The lowest latency measured at M so far (the whole call's), or None."""
+        results = self.state.measured.get(M)
+        return min(results.values()) if results else None
 
     def lookahead(self, M: int, k: int) -> list[Config]:
         """The k configs most likely to be asked next at M (compiled ahead while the GPU measures)."""
