@@ -27,7 +27,7 @@ from moe_opt.space import PARAM_NAMES, Config
 GOAL_2_S = 45.0  # issue 16: all 18 batch sizes of DeepSeek-V4-Flash TP8 on one H200
 GOAL_3_S = 240.0  # issue 16: DeepSeek-V4-Flash at TP 1, 2, 4, 8 in one command on one H200
 # The newest end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered).
-DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v4.json"
+DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v7.json"
 GOAL_1_P = 0.95
 GOAL_1_TRIALS = 32  # the default n_trials
 
@@ -574,47 +574,59 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              f"and spent {host:.1f} s on its own work; re-measuring the close contenders {t['confirm_s']:.1f} s (a "
              f"pair tune re-measures pairs and singles); the correctness guard {t['guard_s']:.1f} s; export "
              f"{t['collect_export_s']:.1f} s; the rest is Python's imports before the tune starts."), "",
-            ("Where the loop's own work goes, from a cProfile of a single-config tune (`--down-config off`) of the "
-             "same model at 16 trials per batch size "
+            ("Where the loop's own work went, from a cProfile of a single-config tune (`--down-config off`) of the "
+             "same model at 16 trials per batch size, two sessions ago "
              "(`benchmarks/results/profile/e2e_DeepSeek-V4-Flash_tp8_H200_16trials_cprofile.txt`, H200, 288 trials; "
              "cProfile slows Python down, so read shares, not seconds): of the profiled loop's 32.4 s, claiming "
-             "trials took 16.3 s — creating each trial in SQLite 8.3 s (one storage write per trial since the "
-             "claim creates it from a template, but Optuna's RDB storage still inserts each parameter with a "
-             "distribution check: 4.8 s for 2,016 parameters), reading the study's running trials under the claim "
-             "lock 2.9 s, the surrogate's proposals 2.5 s; compiling ahead 6.4 s (the surrogate's look-ahead 3.4 s, "
-             "reading every study's queued trials 2.6 s); recording results 3.5 s; waiting on the measuring process "
-             "9.5 s. SQLAlchemy's ORM is most of the storage time: a replayed tune of the H200 DeepSeek-V4-Flash table "
-             "(6 batch sizes x 48 trials) took 16 s with SQLite and 6 s with a journal file on the 2-core "
-             "development machine."), "",
-            ("Since that profile, a trial is created in one SQLite transaction of plain INSERTs and finished in "
-             "one (store/trial_writes.py; Optuna's API otherwise): on the development machine a replayed tune's "
-             "claim went from 52 to 27 ms and its search from 6.5 to 3.5 s (`benchmarks/trial_writes.py`: creating "
-             "a trial 11.2 -> 1.2 ms, finishing one 5.8 -> 1.0 ms)."), "",
+             "trials took 16.3 s — creating each trial in SQLite 8.3 s, reading the study's running trials under the "
+             "claim lock 2.9 s, the surrogate's proposals 2.5 s; compiling ahead 6.4 s (the surrogate's look-ahead "
+             "3.4 s, reading every study's queued trials 2.6 s); recording results 3.5 s; waiting on the measuring "
+             "process 9.5 s. Since then a trial is created in one SQLite transaction of plain INSERTs and finished in "
+             "one (store/trial_writes.py; `benchmarks/trial_writes.py`: creating a trial 11.2 -> 1.2 ms, finishing "
+             "one 5.8 -> 1.0 ms on the development machine)."), "",
+            ("The default tune's cProfile (`python3 -m cProfile benchmarks/e2e_tune.py`, H200, 576 trials; "
+             "`benchmarks/results/profile/e2e_DeepSeek-V4-Flash_tp8_H200_32trials_cprofile_5f7d1d8.txt`) then showed "
+             "the loop waiting on the GPU for less than half its time: of 36.4 s, claims 16.7 s (reading the study "
+             "under the lock 5.3 s, creating the trial 4.4 s of which 2.7 s was optuna.Trial reading it back, the "
+             "surrogate's proposals 4.7 s), compiling ahead 9.8 s (look-ahead 5.1 s, reading every study's queued "
+             "trials 4.4 s); the surrogate's predict() alone 7.3 s over 1,124 calls, its set-up 3.4 s (three search "
+             "states of a pair tune, each building the same 2,496 x 2,496 similarity). Four changes followed, each "
+             "measured: the search states share one geometry and predict from running sums per batch size "
+             "(proposals bit-identical on 30 replayed tunes of the five tables; commit 3793395); the compile-ahead "
+             "takes the queued configs from the claim's last read (3793395); a claimed trial is a small handle from "
+             "the creating transaction, not an optuna.Trial (dadac4f). Profiled again at 3793395 "
+             "(`..._cprofile_3793395.txt`): the loop's claims 14.7 s; predict() 0.5 s over 1,096 "
+             "calls, the surrogate's whole proposal pool 2.3 s."), "",
             ("The steps to the newest run, each measured end to end on the H200 with the same command (32 trials, "
              "pair + TMA, cold cache; `benchmarks/results/pair/`): 87.1 s (commit 403f676); 86.6 s once the "
-             "confirm step timed each contender as one whole call (`..._v2.json`: re-measuring 24.7 -> 18.0 s; "
-             "the trial loop 43.8 -> 46.8 s, run-to-run: its compile waits were 3.5 and 7.2 s); 71.6 s once the "
-             "guard dequantized its reference experts once instead of once per checked config (`..._v3.json`: "
-             "guard 5.8 -> 1.0 s; in the TP sweep before it, the guard of the TP1 shape took 34.0 s of its 204 s); "
-             "74.2 s with the search's BLOCK_SIZE_M warm start and nearby incumbents, Config's cached hash and the "
-             "search state's masks (`..._v4.json`, commit 27249db: 264 configs compiled instead of 321, loop 41.0 -> "
-             "40.4 s, re-measuring 16.2 -> 15.8 s, start-up 7.1 -> 8.2 s; within run-to-run noise of v3, so the "
-             "CPU-side changes did not shorten the tune measurably; geometric mean 1.213x -> 1.218x)."),
-            "",
+             "confirm step timed each contender as one whole call (`..._v2.json`); 71.6 s once the guard dequantized "
+             "its reference experts once instead of once per checked config (`..._v3.json`); 74.2 s with the "
+             "search's BLOCK_SIZE_M warm start and nearby incumbents (`..._v4.json`, 27249db; run-to-run noise of "
+             "v3); 74.4 s with GEMM1's stage timed by events inside the whole call's graph (`..._v5.json`, 5f7d1d8: "
+             "the loop's wait for measurements 16.2 -> 8.5 s, but the loop was then bound by its own Python, 37.8 "
+             "s); **57.6 s** with the CPU-side changes above (`..._v6.json`, 3793395: loop 28.7 s, re-measuring "
+             "12.4 s, start-up 5.9 s); 66.1 and 58.8 s at dadac4f (`..._v7.json` on a freshly started machine, "
+             "`..._v7b.json` right after on the same one: compile waits 8.9 vs 5.6 s, imports 10.6 vs 8.0 s, "
+             "the rest alike). Geometric mean over SGLang's default 1.212x–1.218x in all of them. The early stop "
+             "(11dafdf) ran in the TP sweep only (below), not in a single tune: the device time was spent."), "",
             ("The measuring process itself (`benchmarks/profile_measure.py --split-stages`, H200, DeepSeek-V4-Flash "
-             "TP8, 4 configs x 6 batch sizes x 2 rounds; `benchmarks/results/profile/profile_measure_*.json`): a "
-             "measurement of a pair tune takes about 52 ms, and most of it is the GPU's: in its cProfile 2.0 of "
-             "3.4 s are spent waiting on the timed replays, 0.4 s on synchronizing, 0.8 s launching the 1,152 "
-             "calls. Capturing into one held memory pool instead of `torch.cuda.graph` (which empties the "
-             "allocator's cache before each capture) and keeping every batch size's inputs resident changed "
-             "neither the latencies (median ratio 1.002, 48 measurements) nor the time per measurement (54.9 vs "
-             "52.2 ms, noise). The first measurement of each of the 4 configs in the process took 368 ms (median), "
-             "against 52 ms for the others: it loads the config's kernels (and, for the very first, the process's "
-             "one-time set-up), a cost the pair tune pays once per compiled config."), "",
-            ("What goal 2 needs next: the pair tune's second CUDA graph per measurement (GEMM1's stage timed "
-             "alone, about half of the measuring process's GPU time) could become timing events inside the whole "
-             "call's graph; the re-measuring step (15.8 s: it could overlap the trial loop, whose GPU idles while the "
-             "coordinator's Python works), the start-up (8.2 s) and the imports before the tune (6 s) are the rest."), ""]
+             "TP8, 24 configs x 6 batch sizes x 2 rounds; "
+             "`benchmarks/results/profile/profile_measure_split_events_DeepSeek-V4-Flash_tp8_H200.json`, commit "
+             "5f7d1d8): timing GEMM1's stage by two events per call inside the whole call's graph instead of a "
+             "second graph of its own took a pair tune's measurement from 64.4 to 48.9 ms (median, 264 "
+             "measurements each; 45.2 -> 30.4 s in all). The events add about 8 µs to every call (7.3 µs at M=1, "
+             "where a call takes 50 µs: latency ratio 1.139; 9.8 µs at M=4096, ratio 1.008), the same for every "
+             "config, so a pair tune's trial values shift and their order does not; the exported latencies and "
+             "speedups come from re-measuring, which times whole calls without events. GEMM1's stage itself reads "
+             "1.004–1.075x of its time alone."), "",
+            ("What goal 2 needs next (at 58.8–66.1 s, 45 s asked): the re-measuring step (12.4–14.7 s: each batch "
+             "size re-measures up to four configs three times, then the pair and the single once more three times — "
+             "the single's second round could be the first's); the trial loop's claims, which read each study under "
+             "the lock (5–6 s profiled); the imports before the tune (8–11 s on the lent machine; 4.8 s of the "
+             "profile is Python compiling source files, and the wheels carried there are installed with "
+             "--no-compile)."),
+            ""]
+
 
 if __name__ == "__main__":
     sys.exit(main())
