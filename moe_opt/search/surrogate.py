@@ -14,8 +14,8 @@ The model: every measurement becomes a point (config, log2 M, log of latency ove
 The predicted log-ratio of a candidate at batch size M is a kernel-weighted average of those points (a
 Nadaraya-Watson estimate with a prior pseudo-point); the next config is the unmeasured candidate with the lowest
 lower confidence bound, looked for first among the local moves of the incumbent (one step along one tunable,
-or an exchange of two block sizes) and the incumbents of the nearest batch sizes measured. Ties break by a
-seeded random draw.
+or an exchange of two block sizes; also one step from configs within NEAR_TIE of it) and the incumbents of the
+nearest batch sizes measured. Ties break by a seeded random draw.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ EXCHANGED = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")  # the tunables an 
 # (on the recorded Mixtral-8x7B table M=256's optimum is M=1024's; without this the walk stopped 10% off there in 9
 # of 20 seeds, with it in none).
 NEARBY_OCTAVES = 2
+# Measured configs within this fraction of the best count as incumbents too: their one-step moves join the local
+# moves, except where a config differs from the best in GROUP_SIZE_M only (it only reorders the tiles: its
+# neighbourhood is the best's, one GROUP_SIZE_M step off). On the recorded Qwen3-235B-A22B table, M=4096, the walk
+# otherwise stopped 1.2% off in 20 of 20 seeds: its incumbent 64/128/128/16/8/3 had replaced 16/8/4, 0.05% slower,
+# whose warps step is the optimum. With 0.1%, 0.2% or 0.5% every table reached 1% at 32 trials in 20 of 20 seeds;
+# with 1% Qwen3-30B-A3B's M=256 missed in 20 (docs/tuning.md).
+NEAR_TIE = 0.002
 
 
 def is_latency(value: object) -> bool:
@@ -219,6 +226,8 @@ class SearchState:
             # that improved, taken once more); then two-step neighbours.
             best = self._index[min(results, key=results.get)]
             local = self._rings[0][best] | self._exchange[best]
+            for i in self._near_ties(results, best):
+                local = local | self._rings[0][i]
             stages = [{self.candidates[i] for i in np.flatnonzero(local)} | self._nearby_incumbents(M),
                       self._pattern_moves(results), {self.candidates[i] for i in np.flatnonzero(self._rings[1][best])}]
             for near in stages:
@@ -227,6 +236,21 @@ class SearchState:
                     pool = near
                     break
         return pool, score
+
+    def _near_ties(self, results: dict[Config, float], best: int) -> list[int]:
+        """The candidates measured within NEAR_TIE of the best (index ``best``) that differ from it in more than
+        GROUP_SIZE_M."""
+        best_us = min(results.values())
+        group = FEATURES.index("GROUP_SIZE_M")
+        rest = [j for j in range(len(FEATURES)) if j != group]
+        out = []
+        for config, us in results.items():
+            i = self._index.get(config)
+            if i is None or i == best or us > best_us * (1 + NEAR_TIE):
+                continue
+            if (self._steps[i, rest] != self._steps[best, rest]).any():
+                out.append(i)
+        return out
 
     def _nearby_incumbents(self, M: int) -> set[Config]:
         """The best configs of the nearest batch sizes measured below and above M, within NEARBY_OCTAVES."""
