@@ -114,9 +114,10 @@ class CudaGraphTimer:
 
         ``split``: GEMM1's stage (alignment, GEMM1, activation) is timed inside the same graph, by an event before
         each call and one the call records between its stages (``after_up``); GEMM2's stage is the rest of the
-        whole call. One graph serves both: a graph of GEMM1's stage alone doubled the GPU time of a pair tune's
-        measurement, and a separate GEMM2 graph would read GEMM1's output from HBM after the flush, not from L2
-        as serving does.
+        whole call. One graph serves both: a second graph of GEMM1's stage alone took a pair tune's measurement
+        from 48.9 to 64.4 ms on the H200 (benchmarks/profile_measure.py), and a separate GEMM2 graph would read
+        GEMM1's output from HBM after the flush, not from L2 as serving does. The two events add about 8 µs to each
+        call there, the same for every config (docs/tuning.md).
 
         ``stop_above_us``: where the first timed replay's µs per call is above it, the other replays are skipped."""
         marks = [(torch.cuda.Event(enable_timing=True, external=True),
