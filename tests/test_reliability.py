@@ -7,6 +7,7 @@ Measurements come from the recorded DeepSeek-V4-Flash table (replay mode), so ki
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -206,6 +207,31 @@ def test_a_config_that_kills_the_measuring_process_fails_alone(tmp_path, how, re
     assert at_16[0].state == TrialState.FAIL and at_16[0].user_attrs["error"] == reason
     assert all(t.state == TrialState.COMPLETE for t in at_16[1:]) and len(at_16) == 3  # the study went on
     assert 16 in result.best and Config.from_dict(result.best[16]) != bad
+
+
+class TellingReplay(ReplayTable):
+    """A table in the measuring process that declares stops_early, takes ``stop_above_us`` by name only, and
+    writes down what each measurement was told."""
+
+    def __init__(self, path: str, log: str):
+        super().__init__(path)
+        self.info = dataclasses.replace(self.info, stops_early=True)
+        self.log = log
+
+    def measure(self, config: Config, M: int, *, stop_above_us: float | None = None) -> Measurement:
+        with open(self.log, "a") as f:
+            f.write(f"{M} {stop_above_us}\n")
+        return super().measure(config, M)
+
+
+def test_the_isolated_process_passes_the_stop_margin_on_to_a_measurer_that_stops_early(tmp_path):
+    log = tmp_path / "told.txt"
+    with IsolatedMeasurer(partial(TellingReplay, TABLE, str(log)), timeout_s=30) as measurer:
+        result = moe_opt.tune(replay=TABLE, measurer=measurer, batch_sizes=[16], n_trials=4,
+                              storage=f"sqlite:///{tmp_path}/s.db", output_dir=None, progress=False)
+    assert measurer.info.stops_early and result.trials_used == {16: 4}
+    told = [line.split()[1] for line in log.read_text().splitlines()]
+    assert told[0] == "None" and all(stop != "None" for stop in told[1:4])  # the trials after the first
 
 
 # --- the correctness guard ---------------------------------------------------------------------------------

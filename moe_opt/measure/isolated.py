@@ -63,7 +63,9 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
 
 
 def _measure(measurer, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
-    return measurer.measure(config, M) if stop_above_us is None else measurer.measure(config, M, stop_above_us)
+    if stop_above_us is None:
+        return measurer.measure(config, M)
+    return measurer.measure(config, M, stop_above_us=stop_above_us)  # by name, as MeasureQueue and measure_one pass it
 
 
 def _with_inputs(measurer, fn: Callable[..., Any], *args: Any) -> Any:
