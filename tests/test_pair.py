@@ -176,3 +176,30 @@ def test_a_pair_tunes_confirm_step_times_each_contender_as_one_whole_call(tmp_pa
         assert all(isinstance(c, Config) for M in medians for c in medians[M])  # keyed by the contender
         expected = {M: {c: table.measure(c, M).latency_us for c in medians[M]} for M in medians}
         assert medians == expected
+
+
+def test_re_measuring_times_the_pair_in_the_same_rounds_as_the_single_configs_and_the_single_once():
+    """The best pair is one more contender of the first pass: each round submits the single contenders (as whole
+    calls) and the pair together, and the best single config is not timed again for the pair afterwards."""
+    from moe_opt.measure.base import Measurement, MeasurerInfo
+    from moe_opt.run.confirm import CONFIRM_ROUNDS, confirm
+
+    study = _study([(A, 100.0, 60.0, 40.0), (B, 101.0, 70.0, 35.0)])  # the pair: A's GEMM1, B's GEMM2
+    fresh = {ConfigPair(A, A): [99.0, 98.0, 100.0], ConfigPair(B, B): [103.0, 104.0, 102.0],
+             ConfigPair(A, B): [96.0, 97.0, 95.0]}
+
+    class Timer:
+        info = MeasurerInfo("GPU", "GPU", "test timer")
+        asked: list = []
+
+        def measure(self, config, M):
+            self.asked.append(config)
+            return Measurement(fresh[config][sum(c == config for c in self.asked) - 1])
+
+    timer = Timer()
+    medians = confirm({64: study}, timer, {64: A}, whole_call=True)
+    assert medians == {64: {A: 99.0, B: 103.0}}
+    one_round = [ConfigPair(A, A), ConfigPair(B, B), ConfigPair(A, B)]
+    assert timer.asked == one_round * CONFIRM_ROUNDS  # interleaved, and nothing after the rounds
+    assert study.user_attrs[CONFIRMED_PAIR_ATTR] == {"up": 0, "down": 1, "us": 96.0, "single_us": 99.0}
+    assert result_of(study.get_trials(), study.user_attrs).engine_pair == (ConfigPair(A, B), 96.0)

@@ -61,7 +61,10 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     ``whole_call``: the measurer times GEMM1's stage apart for every Config (a pair tune's measurer); contenders are
     then submitted as ``ConfigPair(c, c)``, the same call, which such a measurer times as a whole only: the
     latencies compared and exported here are whole calls, without the stage's timing events (about 8 µs a call on
-    the H200, docs/tuning.md).
+    the H200, docs/tuning.md). Each batch size's best config pair (one config per GEMM, from the stage times) is
+    then a contender of the first pass too, timed on the whole call in the same interleaved rounds; the study keeps
+    its median beside the best single config's (``"confirmed_pair"``), and the pair is exported for SGLang only
+    where it was the faster (store/results.py, StudyResult.engine_pair).
 
     Example:
         >>> confirm(studies, measurer, defaults)  # after the search; tune() does this  # doctest: +SKIP
@@ -70,69 +73,62 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     queue = MeasureQueue(measurer)
     confirmed: dict[int, dict[Config, float]] = {M: {} for M in studies}
     numbers: dict[int, dict[Config, list[int]]] = {M: {} for M in studies}
+    pairs = _pairs(studies) if whole_call else {}  # {M: the best pair}, in the first pass only
+    pair_runs: dict[int, list[float]] = {M: [] for M in pairs}
     for _ in range(max_passes):
         plan = {M: contenders(study, confirmed[M], defaults.get(M), top, within) for M, study in studies.items()}
-        order = [(M, c) for M, configs in plan.items() for c in configs]  # all measured before: compiled
+        # All measured before (compiled): each contender as a whole call, then the pairs of this pass.
+        order: list[tuple[int, Config | ConfigPair]] = [(M, c) for M, configs in plan.items() for c in configs]
+        order += [(M, ConfigPair(p.up, p.down)) for M, p in pairs.items()]
         if not order:
             break
         fresh: dict[tuple[int, Config], list[float]] = {}
         for _ in range(rounds):  # interleaved: drift hits every contender alike
             for M, c in order:
-                queue.submit(ConfigPair(c, c) if whole_call else c, M)
+                queue.submit(ConfigPair(c, c) if whole_call and isinstance(c, Config) else c, M)
             for M, c in order:
                 m = queue.collect()
                 if m.ok:
-                    fresh.setdefault((M, c), []).append(m.latency_us)
-        for M, c in order:
-            numbers[M][c] = plan[M][c]
-            runs = fresh.get((M, c), [])
-            # A failed re-measurement: no confirmed latency; marked as confirmed at its trial value so that it is
-            # not planned again.
-            confirmed[M][c] = statistics.median(runs) if len(runs) == rounds else float("nan")
+                    (fresh.setdefault((M, c), []) if isinstance(c, Config) else pair_runs[M]).append(m.latency_us)
+        for M, configs in plan.items():
+            for c in configs:
+                numbers[M][c] = configs[c]
+                runs = fresh.get((M, c), [])
+                # A failed re-measurement: no confirmed latency; marked as confirmed at its trial value so that it
+                # is not planned again.
+                confirmed[M][c] = statistics.median(runs) if len(runs) == rounds else float("nan")
+        pairs = {}
     out: dict[int, dict[Config, float]] = {}
     for M, medians in confirmed.items():
         medians = {c: us for c, us in medians.items() if us == us}
         if medians:
             out[M] = medians
             studies[M].set_user_attr(CONFIRMED_ATTR, {str(n): us for c, us in medians.items() for n in numbers[M][c]})
+    for M, runs in pair_runs.items():
+        _store_pair(studies[M], runs, rounds)
     return out
 
 
-def confirm_pairs(studies: dict[int, optuna.Study], measurer: Any, *, rounds: int = CONFIRM_ROUNDS) -> dict[int, dict]:
-    """Time each batch size's best config pair (one config per GEMM, from the stage times) on the whole fused-MoE
-    call, interleaved with the best single config, ``rounds`` times; store and return {M: {"up": trial,
-    "down": trial, "us": pair median, "single_us": single median}}. The pair is exported for SGLang only where it
-    was faster in this pass (store/results.py, StudyResult.engine_pair).
+def _pairs(studies: dict[int, optuna.Study]) -> dict:
+    """{M: PairResult} of the batch sizes whose best pair is two configs (one config for both GEMMs is a single
+    config: a contender of its own, or slower than those)."""
+    from ..store.results import study_result
 
-    Example:
-        >>> confirm_pairs(studies, measurer)  # after confirm(); the session does this  # doctest: +SKIP
-        {64: {'up': 12, 'down': 30, 'us': 187.2, 'single_us': 193.1}, ...}
-    """
+    pairs = {}
+    for M, study in studies.items():
+        pair = study_result(study).pair
+        if pair is not None and pair.up != pair.down:
+            pairs[M] = pair
+    return pairs
+
+
+def _store_pair(study: optuna.Study, runs: list[float], rounds: int) -> None:
+    """Keep the pair's median beside the best single config's, as ranked after re-measuring (both from the same
+    rounds, the single config's from a later pass where it was planned again)."""
     from ..store.results import CONFIRMED_PAIR_ATTR, study_result
 
-    queue = MeasureQueue(measurer)
-    plan = {}
-    for M, study in studies.items():
-        result = study_result(study)
-        pair, best = result.pair, result.best
-        if pair is None or best is None or pair.up == pair.down == best.config:
-            continue
-        # The single config as ConfigPair(c, c): the same call, timed as one whole call (confirm's whole_call).
-        plan[M] = (pair, ConfigPair(pair.up, pair.down), ConfigPair(best.config, best.config))
-    fresh: dict[tuple[int, str], list[float]] = {}
-    for _ in range(rounds):
-        order = [(M, kind, c) for M, (_, both, single) in plan.items() for kind, c in (("pair", both), ("single", single))]
-        for M, _, c in order:
-            queue.submit(c, M)
-        for M, kind, _ in order:
-            m = queue.collect()
-            if m.ok:
-                fresh.setdefault((M, kind), []).append(m.latency_us)
-    out = {}
-    for M, (pair, _, _) in plan.items():
-        runs, single = fresh.get((M, "pair"), []), fresh.get((M, "single"), [])
-        if len(runs) == rounds and len(single) == rounds:
-            out[M] = {"up": pair.up_trial, "down": pair.down_trial, "us": statistics.median(runs),
-                      "single_us": statistics.median(single)}
-            studies[M].set_user_attr(CONFIRMED_PAIR_ATTR, out[M])
-    return out
+    result = study_result(study)
+    pair, best = result.pair, result.best
+    if len(runs) == rounds and pair is not None and best is not None:
+        study.set_user_attr(CONFIRMED_PAIR_ATTR, {"up": pair.up_trial, "down": pair.down_trial,
+                                                  "us": statistics.median(runs), "single_us": best.latency_us})

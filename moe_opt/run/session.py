@@ -459,17 +459,13 @@ class TuneSession:
 
     def _confirm(self) -> None:
         """Re-measure the close contenders and the defaults (confirm.py); the default's fresh median becomes its
-        latency, so each speedup compares two measurements of the same pass. A pair tune then times each batch
-        size's best pair on the whole call against the best single config (confirm_pairs)."""
+        latency, so each speedup compares two measurements of the same pass. In a pair tune each batch size's best
+        pair is timed on the whole call in the same rounds, against the best single config."""
         from .confirm import confirm
 
         for M, medians in confirm(self.studies, self.measurer, self.space.defaults, whole_call=self.pair).items():
             if self.space.defaults[M] in medians:
                 self.studies[M].set_user_attr("default_latency_us", medians[self.space.defaults[M]])
-        if self.pair:
-            from .confirm import confirm_pairs
-
-            confirm_pairs(self.studies, self.measurer)
 
     def _result(self, guard: Any, skipped: str) -> TuneResult:
         """The guard's checks, then each study's result as the one ranking says."""

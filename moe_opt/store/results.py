@@ -20,7 +20,8 @@ GUARD_GAVE_UP_ATTR = "guard_gave_up"  # the guard rejected the fastest few: this
 # Trial user attributes of a study tuned for a config pair: each GEMM stage's time in the measured call (GEMM1 with
 # the alignment and the activation; GEMM2 with the sum over topk), in µs.
 UP_ATTR, DOWN_ATTR = "up_us", "down_us"
-# {"up": trial, "down": trial, "us": the pair's whole call, "single_us": the best single config's, same pass}
+# {"up": trial, "down": trial, "us": the pair's whole call, "single_us": the best single config's, both re-measured
+# in the same interleaved rounds (run/confirm.py)}
 CONFIRMED_PAIR_ATTR = "confirmed_pair"
 CONFIRMED_ATTR = "confirmed"  # {trial number: re-measured median latency_us}
 
@@ -93,7 +94,7 @@ class PairResult:
         up_trial, down_trial: the trials that timed them.
         estimated_us: the sum of the two stage times, each from its own trial.
         confirmed_us, confirmed_single_us: the pair's whole fused-MoE call and the best single config's, timed
-            interleaved in one pass (run/confirm.py), or None.
+            interleaved in the same rounds (run/confirm.py), or None.
     """
 
     up: Config
