@@ -3,17 +3,16 @@
     PYTHONPATH=. python benchmarks/profile_measure.py --json $OUT/profile_measure.json --profile $OUT/measure.txt
 
 A tune's measuring process times its configs round-robin over the batch sizes, each config once per batch size,
-most of them for the first time in that process. This compiles ``--configs`` sampled candidates of the shape in a
-compile pool (cold Triton cache, as a tune), then measures them in the tune's order, every config twice, with two
-timers on the same GPU, one after the other: the timer as it was (``WasTimer``: with ``--split-stages``, GEMM1's
-stage timed in a second CUDA graph of its own, as up to commit 113dbb1), then ``CudaGraphTimer`` as it is (GEMM1's
-stage timed by events inside the whole call's graph). It records the wall time per measurement of each, the first
-measurement of a config apart (for the old timer, which runs first, that one loads the config's kernels into the
-process; the new timer finds them loaded, so its "first" is not), the ratios of their latencies and of their
-GEMM1-stage times (the same GPU work should time the same; events inside the graph may add to it), and a cProfile of
-the current one. ``WasTimer`` repeats the old code on purpose: it is the baseline being measured. (Earlier records
-in benchmarks/results/profile/ compared an older baseline: ``torch.cuda.graph`` around each capture; their JSON
-says which commit ran.)
+most of them for the first time in that process; re-measuring then times the close contenders again. This compiles
+``--configs`` sampled candidates of the shape in a compile pool (cold Triton cache, as a tune), then measures them
+in the tune's order, every config twice (round 0 as the search, round 1 as re-measuring), with two timers on the
+same GPU, one after the other: the timer as it was (``WasTimer``: every measurement captures its graph, after the
+last one's replays, up to commit 70e5ce7), then ``CudaGraphTimer`` as it is (each measurement told the next, whose
+graph it captures while its own first replays run; graphs kept to be timed again). It records the wall time per
+measurement of each round, the ratios of their latencies and of their GEMM1-stage times (the same GPU work should
+time the same), and a cProfile of the current one. (Earlier records in benchmarks/results/profile/ compared older
+baselines: ``torch.cuda.graph`` around each capture, or GEMM1's stage in a second graph; their JSON says which commit
+ran; their "first"/"again" split the first measurement of a config in the process from the others.)
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 
@@ -49,24 +47,23 @@ def main() -> int:
     import triton
 
     from moe_opt.kernel.backend import get_backend
-    from moe_opt.measure.base import Measurement
     from moe_opt.measure.compile_pool import CompilePool
     from moe_opt.measure.cuda_graph import CudaGraphTimer, cuda_graph_info
     from moe_opt.model.resolve import resolve_model
-    from moe_opt.space import Config
 
     class WasTimer(CudaGraphTimer):
-        """The timer before GEMM1's stage was timed by events inside the whole call's graph (up to commit
-        113dbb1): a pair tune's measurement captured and replayed a second graph of GEMM1's stage alone."""
+        """The timer before it captured the next measurement's graph during the running one and kept graphs (up to
+        commit 70e5ce7): every measurement captures its own graph, with an eager call on the default stream and a
+        device synchronize before the warm-up call on the capture stream, and nothing is kept."""
 
-        def _measure(self, config, M):
-            latency, times_us, _ = self._time(partial(self.backend.call, self.inputs, config, M))
-            attrs = {"replay_spread": (max(times_us) - min(times_us)) / latency}
-            if self.split_stages and isinstance(config, Config):
-                up_us, _, _ = self._time(lambda routing_index=0: self.inputs.call(config, M, routing_index,
-                                                                                   up_only=True))
-                attrs.update(up_us=up_us, down_us=max(latency - up_us, 1e-3 * latency))
-            return Measurement(latency, None, attrs)
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._pool.kept = 0
+
+        def _capture(self, config, M, split, after=None):
+            self.backend.call(self.inputs, config, M)
+            torch.cuda.synchronize()
+            return super()._capture(config, M, split)
 
     spec = resolve_model(args.model, tp_size=args.tp)
     batch_sizes = [int(m) for m in args.batch_sizes.split(",")]
@@ -91,16 +88,16 @@ def main() -> int:
     errors: dict[str, str] = {}
     for name, make in (("was", WasTimer), ("now", CudaGraphTimer)):
         timer = make(spec, split_stages=args.split_stages)
-        walls[name], latencies[name], ups[name], seen = {"first": [], "again": []}, [], [], set()
-        for _, c, M in order:
+        walls[name], latencies[name], ups[name] = {"search": [], "again": []}, [], []
+        for i, (rnd, c, M) in enumerate(order):
+            upcoming = (lambda i=i: order[i + 1][1:] if i + 1 < len(order) else None) if name == "now" else None
             t = time.perf_counter()
             if name == "now":
                 profiler.enable()
-            m = timer.measure(c, M)
+            m = timer.measure(c, M, upcoming=upcoming)
             if name == "now":
                 profiler.disable()
-            walls[name]["again" if c in seen else "first"].append((time.perf_counter() - t) * 1e3)
-            seen.add(c)
+            walls[name]["again" if rnd else "search"].append((time.perf_counter() - t) * 1e3)
             latencies[name].append(m.latency_us)
             ups[name].append(m.attrs.get("up_us"))
             if m.error and name not in errors:

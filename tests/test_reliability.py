@@ -234,6 +234,50 @@ def test_the_isolated_process_passes_the_stop_margin_on_to_a_measurer_that_stops
     assert told[0] == "None" and all(stop != "None" for stop in told[1:4])  # the trials after the first
 
 
+class PrefetchingFaultyReplay(FaultyReplay):
+    """FaultyReplay whose measurer prepares the next measurement during the running one, as the CUDA-graph timer
+    captures the next graph (MeasurerInfo.prefetches): preparing the bad config breaks the process as running it
+    does (its eager call runs on the device), so the running measurement fails too, or never returns."""
+
+    def __init__(self, path, M, config, how, log):
+        super().__init__(path, M, config, how)
+        self.info = dataclasses.replace(self.info, prefetches=True)
+        self.prefetched = False
+        self.log = log
+
+    def measure(self, config, M, upcoming=None):
+        self.prefetched = False
+        time.sleep(0.05)  # the device's first replays, meanwhile the tuning process sends the next measurement
+        nxt = upcoming() if upcoming is not None and not self.broken else None
+        with open(self.log, "a") as f:
+            f.write(f"{M} {config} next {nxt}\n")
+        if nxt is not None and (nxt[1], nxt[0]) == self.bad:
+            self.prefetched = True
+            if self.how == "hang":
+                time.sleep(600)
+            self.broken = True
+        return super().measure(config, M)
+
+
+@pytest.mark.parametrize("how,reason", [("sticky error", ILLEGAL_ACCESS), ("hang", "Timeout: no result after 3 s")])
+def test_a_config_that_breaks_the_process_while_it_is_prepared_fails_alone(tmp_path, how, reason):
+    """The measurement running while the bad config was prepared is measured again alone in a fresh process,
+    and counts as measured; the bad config fails with its own reason."""
+    bad = default(16)
+    log = tmp_path / "asked.txt"
+    storage = f"sqlite:///{tmp_path}/p.db"
+    with IsolatedMeasurer(partial(PrefetchingFaultyReplay, TABLE, 16, bad, how, str(log)), timeout_s=3) as measurer:
+        result = moe_opt.tune(replay=TABLE, measurer=measurer, n_trials=3, storage=storage, output_dir=None,
+                              progress=False)
+    asked = log.read_text().splitlines()
+    assert any(f"next ({bad!r}, 16)" in line for line in asked)  # the bad one was prepared during another
+    assert sum("next (" in line for line in asked) >= 6  # the child told its measurer what came next
+    assert result.trials_used == {1: 3, 16: 3, 64: 3, 256: 3, 1024: 3, 4096: 3}
+    by_m = trials(storage, result)
+    failed = [(M, t) for M, ts in by_m.items() for t in ts if t.state != TrialState.COMPLETE]
+    assert [(M, config_of(t), t.user_attrs["error"]) for M, t in failed] == [(16, bad, reason)]
+
+
 # --- the correctness guard ---------------------------------------------------------------------------------
 
 def test_a_config_that_fails_the_guard_is_not_exported_the_next_best_is(tmp_path, capsys):

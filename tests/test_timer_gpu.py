@@ -1,5 +1,6 @@
 """The CUDA-graph timer on the GPU: every capture goes into one held memory pool, which a tune's hundreds of
-measurements over many batch sizes neither outgrow nor break. Runs on the device only (CUDA graphs)."""
+measurements over many batch sizes neither outgrow nor break; the next measurement's graph is captured during the
+running one, and kept graphs are timed again without a capture. Runs on the device only (CUDA graphs)."""
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_the_pool_is_let_go_past_its_limit_and_measuring_goes_on():
     released = 0
     for M in BATCH_SIZES:
         assert timer.measure(CONFIGS[1], M).ok
-        if timer._pool._last is None:  # let go: the cache emptied, only the calls' own buffers kept
+        if not timer._pool.held:  # let go: the cache emptied, only the calls' own buffers kept
             released += 1
             assert torch.cuda.memory_reserved() <= base + 64 * 2**20
         else:  # held: only while the process holds no more than when the timer started
@@ -75,3 +76,38 @@ def test_a_measurement_told_to_stop_above_a_latency_times_one_replay_where_it_is
     assert stopped.attrs["stopped_above_us"] == full.latency_us / 10
     kept = timer.measure(CONFIGS[1], 64, stop_above_us=full.latency_us * 10)  # faster than told: every replay
     assert kept.ok and "replays" not in kept.attrs
+
+
+def _counting_captures(timer):
+    captured = []
+    capture = timer._capture
+
+    def counted(config, M, split, after=None):
+        captured.append((config, M, after is not None))
+        return capture(config, M, split, after=after)
+
+    timer._capture = counted
+    return captured
+
+
+def test_the_next_measurements_graph_is_captured_during_the_running_one_and_not_again():
+    timer = CudaGraphTimer(SPEC, split_stages=True)
+    captured = _counting_captures(timer)
+    first = timer.measure(CONFIGS[0], 64, upcoming=lambda: (CONFIGS[1], 256))
+    assert first.ok and timer.prefetched
+    assert captured == [(CONFIGS[0], 64, False), (CONFIGS[1], 256, True)]  # the second while the first ran
+    second = timer.measure(CONFIGS[1], 256)
+    assert second.ok and second.attrs["up_us"] > 0 and not timer.prefetched
+    assert len(captured) == 2  # its graph was there
+    again = timer.measure(CONFIGS[0], 64)  # kept: timed again without a capture (re-measuring)
+    assert again.ok and len(captured) == 2
+
+
+def test_a_config_that_fails_while_it_is_prepared_fails_in_its_own_measurement_only():
+    timer = CudaGraphTimer(SPEC)
+    too_big = Config(256, 256, 256, 1, 4, 5)  # far past the shared memory of any GPU
+    running = timer.measure(CONFIGS[0], 64, upcoming=lambda: (too_big, 64))
+    assert running.ok and timer.healthy()
+    failed = timer.measure(too_big, 64)
+    assert not failed.ok and "OutOfResources" in failed.error
+    assert timer.measure(CONFIGS[1], 64).ok

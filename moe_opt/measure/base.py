@@ -54,6 +54,11 @@ class MeasurerInfo:
         stops_early: ``measure`` (and ``submit``) take ``stop_above_us``: a config whose first timed replay is
             slower than that is reported from that replay alone (the search passes a margin over the batch size's
             best; such a config's exact latency does not matter). The CUDA-graph timer does.
+        prefetches: ``measure`` takes ``upcoming``, a callable it asks once for the next measurement's
+            (config, M) or None, and prepares that one while the device runs this one (the CUDA-graph timer
+            captures the next graph during this one's first replays); afterwards its ``prefetched`` says whether
+            the next config ran on the device meanwhile (a sticky device error then may be that config's). The
+            isolated process passes the call queued behind (isolated.py).
     """
 
     device_name: str
@@ -64,6 +69,7 @@ class MeasurerInfo:
     kind: str = "custom"
     tma: bool = False
     stops_early: bool = False
+    prefetches: bool = False
 
 
 @runtime_checkable

@@ -9,6 +9,10 @@ measurement (``measurer.healthy()`` is False: the CUDA error was sticky), the co
 child exits. The next measurement starts a fresh child.
 
 The child loads compiled kernels from Triton's on-disk cache, which the compile pool (compile.py) fills ahead.
+Where its measurer prepares the next measurement during the running one (``MeasurerInfo.prefetches``: the CUDA-graph
+timer captures the next graph), the child tells it the call queued behind; a failure that may be the prepared
+config's (a sticky error, or a timeout, with the next config's work on the device meanwhile) is measured again
+alone in a fresh child before it counts.
 """
 
 from __future__ import annotations
@@ -40,20 +44,38 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
         conn.send(("error", describe_failure(exc)))
         return
     conn.send(("ready", info))
+    pending: deque = deque()  # messages read ahead: a measurement asked what comes next (upcoming)
+
+    def upcoming() -> tuple[Config, int] | None:
+        """The (config, M) of the measurement sent behind the running one, if it was sent already."""
+        try:
+            while conn.poll(0):
+                pending.append(conn.recv())
+        except (EOFError, OSError):
+            return None
+        if pending and pending[0][0] == "call" and pending[0][1] is _measure and not pending[0][3]:
+            return pending[0][2][0], pending[0][2][1]
+        return None
+
     while True:
         try:
-            message = conn.recv()
+            message = pending.popleft() if pending else conn.recv()
         except (EOFError, OSError):  # the tuning process is gone
             return
         if message[0] == "stop":
             return
-        _, fn, args = message
+        _, fn, args, alone = message
+        options = {"upcoming": upcoming} if info.prefetches and fn is _measure and not alone else {}
         try:
-            kind, value = "ok", fn(measurer, *args)
+            kind, value = "ok", fn(measurer, *args, **options)
         except Exception as exc:
             kind, value = "error", describe_failure(exc)
         # A sticky CUDA error (an illegal memory access) breaks the context for good: say so, and leave.
         alive = not isinstance(measurer, HealthReporting) or measurer.healthy()
+        if not alive and options and measurer.prefetched and not (kind == "ok" and value.ok):
+            # The next config's eager call ran during this measurement (a prefetch): the error may be that one's.
+            # Measured again alone, in a fresh process, before it counts.
+            kind = "retry"
         try:
             conn.send((kind, value, alive))
         except (BrokenPipeError, OSError):
@@ -62,10 +84,15 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
             return
 
 
-def _measure(measurer, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
-    if stop_above_us is None:
-        return measurer.measure(config, M)
-    return measurer.measure(config, M, stop_above_us=stop_above_us)  # by name, as MeasureQueue and measure_one pass it
+def _measure(measurer, config: Config, M: int, stop_above_us: float | None = None,
+             upcoming: Callable[[], tuple[Config, int] | None] | None = None) -> Measurement:
+    # By name, as MeasureQueue and measure_one pass them; each only where the measurer's info declares it.
+    options: dict[str, Any] = {}
+    if stop_above_us is not None:
+        options["stop_above_us"] = stop_above_us
+    if upcoming is not None:
+        options["upcoming"] = upcoming
+    return measurer.measure(config, M, **options)
 
 
 def _with_inputs(measurer, fn: Callable[..., Any], *args: Any) -> Any:
@@ -97,7 +124,7 @@ class IsolatedMeasurer:
         self._proc = None
         self._conn = None
         self._ready = False
-        self._sent: deque = deque()  # (fn, args) sent to the child and not collected yet, oldest first
+        self._sent: deque = deque()  # (fn, args, alone) sent to the child and not collected yet, oldest first
         self.crashes = 0
 
     @property
@@ -170,10 +197,15 @@ class IsolatedMeasurer:
     # Calls, queued: the child runs them in order, so the next one starts the moment the last one ends.
     def submit_call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Send ``fn(measurer, *args)`` to the child; :meth:`collect_call` returns the results in order."""
+        self._send(fn, args, alone=False)
+
+    def _send(self, fn: Callable[..., Any], args: tuple, alone: bool) -> None:
+        """``alone``: a measurement run without preparing the next one meanwhile (a retry of one whose failure
+        could have been the next config's)."""
         self.start()
-        self._sent.append((fn, args))
+        self._sent.append((fn, args, alone))
         try:
-            self._conn.send(("call", fn, args))
+            self._conn.send(("call", fn, args, alone))
         except (BrokenPipeError, OSError):
             pass  # the child is gone: collect_call() says so and resends the calls behind the oldest
 
@@ -184,6 +216,8 @@ class IsolatedMeasurer:
             raise RuntimeError("collect_call() without a submitted call")
         self._await_ready()
         failure = None
+        retry = False  # measured again alone first: its failure may have been the next config's (a prefetch)
+        fn, args, alone = self._sent[0]
         try:
             ready = self._conn.poll(self.timeout_s)
         except (BrokenPipeError, OSError):
@@ -192,6 +226,8 @@ class IsolatedMeasurer:
             self._kill()
             self.crashes += 1
             failure = f"Timeout: no result after {self.timeout_s:g} s"
+            # A measurement behind it may have been prepared meanwhile, its eager call the one that hangs.
+            retry = not alone and self._info.prefetches and any(f is _measure for f, _, _ in list(self._sent)[1:])
         else:
             try:
                 kind, value, alive = self._conn.recv()
@@ -204,11 +240,16 @@ class IsolatedMeasurer:
                     self._kill()  # it leaves by itself; the calls behind go to a fresh one
                 if kind == "error":
                     failure = value
+                retry = kind == "retry"
         self._sent.popleft()
+        if retry:
+            self._sent.appendleft((fn, args, True))
         if self._proc is None and self._sent:
             behind, self._sent = list(self._sent), deque()
-            for fn, args in behind:
-                self.submit_call(fn, *args)
+            for f, a, was_alone in behind:
+                self._send(f, a, was_alone)
+        if retry:
+            return self.collect_call()
         if failure is not None:
             raise IsolatedFailure(failure)
         return value

@@ -2,7 +2,8 @@
 
 On a GPU three kinds of work overlap, so that the GPU rarely waits:
 - compiling, in a pool of processes (compile.py): every batch size's claimed config, and the likely next ones;
-- measuring, in the measuring process (isolation.py), with the next measurement queued behind the running one;
+- measuring, in the measuring process (isolation.py), with the next measurements queued behind the running one
+  (the CUDA-graph timer captures the next one's graph while the running one's first replays are on the GPU);
 - this process's bookkeeping between measurements: telling the study a result, claiming the next trial.
 
 A batch size's next config depends on its last result, so each batch size holds at most one claimed trial. On the
@@ -97,6 +98,7 @@ class MeasureQueue:
         self.asynchronous = isinstance(measurer, AsyncMeasurer)
         info = getattr(measurer, "info", None)
         self.stops_early = bool(getattr(info, "stops_early", False))
+        self.prefetches = bool(getattr(info, "prefetches", False))
         self._waiting: deque = deque()
 
     def submit(self, config: Config, M: int, stop_above_us: float | None = None) -> None:
@@ -143,7 +145,9 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
     times = times if times is not None else LoopTimes()
     queue = MeasureQueue(measurer)
     eager = pool is not None  # claim every batch size's next trial at once, so their configs compile meanwhile
-    depth = 2 if queue.asynchronous else 1  # measurements handed to the measurer at a time
+    # Measurements handed to the measurer at a time: the next one queued behind the running one, and one more where
+    # the measurer prepares the next during the running one (so that one is there when it asks).
+    depth = (3 if queue.prefetches else 2) if queue.asynchronous else 1
     order = list(studies)
     bar = Progress(studies, n_trials, defaults, enabled=progress)
     done: set[int] = set()
