@@ -111,3 +111,55 @@ def test_a_config_that_fails_while_it_is_prepared_fails_in_its_own_measurement_o
     failed = timer.measure(too_big, 64)
     assert not failed.ok and "OutOfResources" in failed.error
     assert timer.measure(CONFIGS[1], 64).ok
+
+
+class OutOfBoundsTimer(CudaGraphTimer):
+    """The timer, except that one config's call first writes far out of bounds: an illegal memory access, which
+    breaks the CUDA context for good, on the device and after the launch returned."""
+
+    def __init__(self, spec, bad: Config):
+        super().__init__(spec)
+        inner, self.bad = self.backend, bad
+
+        class Backend:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def call(self, inputs, config, M, **kwargs):
+                if config == bad:
+                    _write_far_out_of_bounds[(1,)](inputs_anchor)
+                return inner.call(inputs, config, M, **kwargs)
+
+        inputs_anchor = torch.zeros(1, device=self.device)
+        self.backend = Backend()
+
+
+def _triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def write_far(ptr):
+        tl.store(ptr + (1 << 40), 1.0)
+
+    return write_far
+
+
+_write_far_out_of_bounds = _triton_kernel()
+
+
+def test_a_config_that_breaks_the_context_while_it_is_prepared_fails_alone_and_the_one_running_is_measured():
+    """In the measuring process the bad config's eager call runs during the measurement before it (the timer
+    prepares it): that one is measured again alone in a fresh process, the bad one fails with its own error."""
+    from functools import partial
+
+    from moe_opt.measure.isolated import IsolatedMeasurer
+
+    bad = CONFIGS[1]
+    with IsolatedMeasurer(partial(OutOfBoundsTimer, SPEC, bad), timeout_s=120) as measurer:
+        assert measurer.info.prefetches
+        for config in (CONFIGS[0], bad, CONFIGS[2]):
+            measurer.submit(config, 64)
+        results = [measurer.collect() for _ in range(3)]
+    assert results[0].ok and results[2].ok, results
+    assert not results[1].ok and "illegal memory access" in results[1].error

@@ -27,6 +27,7 @@ QWEN_TABLE = "moe_opt/data/Qwen3-30B-A3B_tp1_H200.csv"
 DSV4_H100_TABLE = "moe_opt/data/DeepSeek-V4-Flash_tp8_H100.csv"
 MIXTRAL_TABLE = "moe_opt/data/Mixtral-8x7B-v0.1_tp8_H200.csv"
 QWEN235_TABLE = "moe_opt/data/Qwen3-235B-A22B-FP8_tp4_H200.csv"
+QWEN_NEXT_TABLE = "moe_opt/data/Qwen3-Next-80B-A3B-Instruct_tp4_H200.csv"  # recorded after the search's rules were set
 
 
 @pytest.fixture(autouse=True)
@@ -371,11 +372,13 @@ def _seeds_all_within(table_path: str, within: float) -> tuple[float, list]:
     return all_within / len(seeds), misses
 
 
-@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE, DSV4_H100_TABLE, MIXTRAL_TABLE, QWEN235_TABLE])
+@pytest.mark.parametrize("table_path", [DSV4_TABLE, QWEN_TABLE, DSV4_H100_TABLE, MIXTRAL_TABLE, QWEN235_TABLE,
+                                        QWEN_NEXT_TABLE])
 def test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds(table_path):
     """Goal 1 of the performance issue, on every full-grid table recorded (DeepSeek-V4-Flash fp8 block TP8,
-    Qwen3-30B-A3B bf16 TP1, Mixtral-8x7B bf16 TP8 and Qwen3-235B-A22B fp8 block TP4 on an H200, six batch sizes
-    each; DeepSeek-V4-Flash on an H100, two): with the default 32 trials per batch size, the best configs found are
+    Qwen3-30B-A3B bf16 TP1, Mixtral-8x7B bf16 TP8, Qwen3-235B-A22B fp8 block TP4 and Qwen3-Next-80B-A3B bf16 TP4 on
+    an H200, six batch sizes each; DeepSeek-V4-Flash on an H100, two; Qwen3-Next's was recorded after the search's
+    rules were chosen on the others, and replayed without changing them): with the default 32 trials per batch size, the best configs found are
     within 1% of the grid optimum at every batch size at once in at least 95% of 20 seeds. Deterministic (seeded),
     no GPU."""
     share, misses = _seeds_all_within(table_path, 1.01)
