@@ -26,8 +26,12 @@ from moe_opt.space import PARAM_NAMES, Config
 
 GOAL_2_S = 45.0  # issue 16: all 18 batch sizes of DeepSeek-V4-Flash TP8 on one H200
 GOAL_3_S = 240.0  # issue 16: DeepSeek-V4-Flash at TP 1, 2, 4, 8 in one command on one H200
-# The newest end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered).
-DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v7.json"
+# The newest end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered),
+# and its repeats with the same code (goal 2 counts every one of them).
+DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v8.json"
+GOAL_2_RUNS = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v8*.json"
+# The search's rules were chosen while replaying every table but these, recorded after them.
+UNSEEN_TABLES = ("Qwen3-Next-80B-A3B-Instruct_tp4_H200.csv",)
 GOAL_1_P = 0.95
 GOAL_1_TRIALS = 32  # the default n_trials
 
@@ -208,12 +212,18 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
     speedups = [r["default_us"] / r["us"] for run in e2e.values() for r in run["per_batch_size"] if r["default_us"]]
     g1_text = "; ".join(f"`{n}`: {p:.2f} of {s} seeds with all {k} batch sizes within 1%" for n, p, k, s in g1)
     g2 = json.loads((REPO / "benchmarks/results" / DEFAULT_E2E).read_text())
+    g2_runs = [json.loads(f.read_text()) for f in sorted((REPO / "benchmarks/results").glob(GOAL_2_RUNS))] or [g2]
+    g2_within = sum(r["wall_s"] <= GOAL_2_S for r in g2_runs)
     trials = {r.get("trials") for r in g2["per_batch_size"]}
-    g2_text = (f"{g2['wall_s']:.1f} s on an {g2['device']} ({g2['cpu_affinity']} cores), cold Triton cache, "
+    walls = " / ".join(f"{r['wall_s']:.1f}" for r in g2_runs)
+    g2_text = (f"{walls} s in {len(g2_runs)} runs on an {g2['device']} "
+               f"({g2['cpu_affinity']} cores), cold Triton cache, "
                f"{'/'.join(map(str, sorted(t for t in trials if t)))} trials per batch size, a config pair per "
-               f"batch size with USE_TMA offered (`{DEFAULT_E2E}`, commit {g2.get('commit') or '?'}); trial loop "
+               f"batch size with USE_TMA offered (`{GOAL_2_RUNS}`, commit {g2.get('commit') or '?'}); "
+               f"{g2_within} of {len(g2_runs)} within {GOAL_2_S:.0f} s; in the first, trial loop "
                f"{g2['timings']['search_s']:.1f} s, re-measuring {g2['timings']['confirm_s']:.1f} s (Where the time "
                "goes, below)")
+    g2_met = g2_within == len(g2_runs)
     sweeps = [json.loads(f.read_text()) for f in sorted((REPO / "benchmarks/results").glob("sweep_*.json"))]
     g3_text = "; ".join(f"{r['wall_s']:.1f} s for TP {', '.join(map(str, r['tp_sizes']))} on an {r['device']}"
                         for r in sweeps) or "not measured yet (`benchmarks/e2e_sweep.py` exists; no GPU time was left)"
@@ -227,10 +237,11 @@ def goal_rows(e2e: dict[str, dict], samplers: dict[str, dict]) -> list[str]:
             "`tests/test_tune.py::test_search_reaches_one_percent_of_grid_optimum_in_95_percent_of_seeds`" +
             (f"; it does not hold on {', '.join(f'`{n}`' for n, p, _, _ in g1 if p < GOAL_1_P)} (the samplers "
              "section), so no test asserts 1% there" if not g1_met else
-             "; the search's rules were chosen while replaying these same tables, so no table here is one it had "
-             "not seen (the issue asks for those too: a new recorded table is the test)") + " |",
+             "; the search's rules were chosen while replaying the other tables; "
+             f"{', '.join(f'`{n}`' for n in UNSEEN_TABLES)} was recorded after them and replayed with them "
+             "unchanged") + " |",
             f"| 2. all 18 batch sizes of DeepSeek-V4-Flash TP8 in ≤ {GOAL_2_S:.0f} s on one H200, cold Triton cache, "
-            f"studies and both exports included | **{'met' if g2['wall_s'] <= GOAL_2_S else 'not met'}** | {g2_text} |",
+            f"studies and both exports included | **{'met' if g2_met else 'not met'}** | {g2_text} |",
             f"| 3. DeepSeek-V4-Flash at TP 1, 2, 4, 8 (4 shapes x 18 batch sizes) in one command in ≤ {GOAL_3_S:.0f} s "
             f"on one H200 | **{'met' if g3_met else 'not met'}** | {g3_text} |",
             f"| never slower than SGLang's default; geometric-mean speedup reported | "
@@ -573,8 +584,8 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              f"batch size, USE_TMA offered, {t['measured']:.0f} measurements, {t.get('compiled', 0):.0f} compiles) "
              f"the {run['wall_s']:.1f} s were: start-up {t['start_s']:.1f} s; the trial loop {t['search_s']:.1f} s, "
              f"of which it waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for compiles "
-             f"and spent {host:.1f} s on its own work; re-measuring the close contenders {t['confirm_s']:.1f} s (a "
-             f"pair tune re-measures pairs and singles); the correctness guard {t['guard_s']:.1f} s; export "
+             f"and spent {host:.1f} s on its own work; re-measuring the close contenders {t['confirm_s']:.1f} s (with "
+             f"each batch size's best pair in the same rounds); the correctness guard {t['guard_s']:.1f} s; export "
              f"{t['collect_export_s']:.1f} s; the rest is Python's imports before the tune starts."), "",
             ("Where the loop's own work went, from a cProfile of a single-config tune (`--down-config off`) of the "
              "same model at 16 trials per batch size, two sessions ago "
@@ -606,27 +617,36 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "search's BLOCK_SIZE_M warm start and nearby incumbents (`..._v4.json`, 27249db; run-to-run noise of "
              "v3); 74.4 s with GEMM1's stage timed by events inside the whole call's graph (`..._v5.json`, 5f7d1d8: "
              "the loop's wait for measurements 16.2 -> 8.5 s, but the loop was then bound by its own Python, 37.8 "
-             "s); **57.6 s** with the CPU-side changes above (`..._v6.json`, 3793395: loop 28.7 s, re-measuring "
+             "s); 57.6 s with the CPU-side changes above (`..._v6.json`, 3793395: loop 28.7 s, re-measuring "
              "12.4 s, start-up 5.9 s); 66.1 and 58.8 s at dadac4f (`..._v7.json` on a freshly started machine, "
              "`..._v7b.json` right after on the same one: compile waits 8.9 vs 5.6 s, imports 10.6 vs 8.0 s, "
-             "the rest alike). Geometric mean over SGLang's default 1.212x–1.218x in all of them. The early stop "
-             "(11dafdf) ran in the TP sweep only (below), not in a single tune: the device time was spent."), "",
-            ("The measuring process itself (`benchmarks/profile_measure.py --split-stages`, H200, DeepSeek-V4-Flash "
-             "TP8, 24 configs x 6 batch sizes x 2 rounds; "
-             "`benchmarks/results/profile/profile_measure_split_events_DeepSeek-V4-Flash_tp8_H200.json`, commit "
-             "5f7d1d8): timing GEMM1's stage by two events per call inside the whole call's graph instead of a "
-             "second graph of its own took a pair tune's measurement from 64.4 to 48.9 ms (median, 264 "
-             "measurements each; 45.2 -> 30.4 s in all). The events add about 8 µs to every call (7.3 µs at M=1, "
-             "where a call takes 50 µs: latency ratio 1.139; 9.8 µs at M=4096, ratio 1.008), the same for every "
-             "config, so a pair tune's trial values shift and their order does not; the exported latencies and "
-             "speedups come from re-measuring, which times whole calls without events. GEMM1's stage itself reads "
-             "1.004–1.075x of its time alone."), "",
-            ("What goal 2 needs next (at 58.8–66.1 s, 45 s asked): the re-measuring step (12.4–14.7 s: each batch "
-             "size re-measures up to four configs three times, then the pair and the single once more three times — "
-             "the single's second round could be the first's); the trial loop's claims, which read each study under "
-             "the lock (5–6 s profiled); the imports before the tune (8–11 s on the lent machine; 4.8 s of the "
-             "profile is Python compiling source files, and the wheels carried there are installed with "
-             "--no-compile)."),
+             "the rest alike); **43.5 s** and 50.8 s at bd5192a/72bbaa6 (the same code; `..._v8.json`, `..._v8b.json`, "
+             "each on a freshly started machine; any further `..._v8*.json` is a repeat): the early stop (11dafdf), the "
+             "next graph captured during the running measurement, kept graphs for re-measuring, the pair re-measured "
+             "in the same rounds as the single configs, and the wheels carried to the machine installed with their "
+             "bytecode compiled, as pip does by default (they had been installed with --no-compile, and the profile "
+             "showed 4.8 s of Python compiling their source). v8 against v7b: trial loop 30.8 -> 24.9 s (waits for "
+             "the GPU 14.4 -> 9.0 s, for compiles 5.6 -> 7.5 s, the loop's own work 10.8 -> 8.4 s), re-measuring "
+             "12.5 -> 7.6 s, before the tune (imports) 8.0 -> 6.0 s. v8b spent 3.6 s more in the loop (compile "
+             "waits 8.9 s) and 1.5 s more re-measuring. Geometric mean over SGLang's default 1.208x–1.218x in all of "
+             "them; every guard passed."), "",
+            ("The measuring process itself (`benchmarks/profile_measure.py --split-stages --configs 12 --batch-sizes "
+             "1,64,1024,4096`, H200, DeepSeek-V4-Flash TP8, every config twice in the tune's order; "
+             "`benchmarks/results/profile/profile_measure_prefetch_DeepSeek-V4-Flash_tp8_H200.json`, commit "
+             "bd5192a): capturing the next measurement's graph while the running one's warm-up and first timed "
+             "replay are on the GPU took a measurement from 43.9 to 31.7 ms (median of 48, the search's round), "
+             "and a kept graph timed again from 34.0 to 25.9 ms (re-measuring's round); latency ratio new / old "
+             "median 0.9997 (0.990–1.024, 96 measurements), GEMM1-stage ratio 0.9996. Earlier "
+             "(`..._split_events_...json`, commit 5f7d1d8): timing GEMM1's stage by two events per call inside the "
+             "whole call's graph instead of a second graph of its own took a pair tune's measurement from 64.4 to "
+             "48.9 ms. The events add about 8 µs to every call (7.3 µs at M=1, where a call takes 50 µs: latency "
+             "ratio 1.139; 9.8 µs at M=4096, ratio 1.008), the same for every config, so a pair tune's trial values "
+             "shift and their order does not; the exported latencies and speedups come from re-measuring, which "
+             "times whole calls without events."), "",
+            ("What goal 2 needs next (43.5 and 50.8 s in two runs of the same code, 45 s asked): the compile "
+             "waits (7.5–8.9 s; 233–256 compiles of about a second each on 14 workers, the search's speculative "
+             "compiles among them, and the workers' start-up before the first one); the trial loop's own work "
+             "(8–10 s; claims read each study under the lock); the imports before the tune (6.0–7.5 s)."),
             ""]
 
 
