@@ -620,15 +620,16 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "s); 57.6 s with the CPU-side changes above (`..._v6.json`, 3793395: loop 28.7 s, re-measuring "
              "12.4 s, start-up 5.9 s); 66.1 and 58.8 s at dadac4f (`..._v7.json` on a freshly started machine, "
              "`..._v7b.json` right after on the same one: compile waits 8.9 vs 5.6 s, imports 10.6 vs 8.0 s, "
-             "the rest alike); **43.5 s** and 50.8 s at bd5192a/72bbaa6 (the same code; `..._v8.json`, `..._v8b.json`, "
-             "each on a freshly started machine; any further `..._v8*.json` is a repeat): the early stop (11dafdf), the "
+             "the rest alike); **43.5, 50.8 and 43.3 s** at bd5192a/72bbaa6 (the same code; `..._v8.json`, "
+             "`..._v8b.json`, `..._v8c.json`, each on a freshly started machine): the early stop (11dafdf), the "
              "next graph captured during the running measurement, kept graphs for re-measuring, the pair re-measured "
              "in the same rounds as the single configs, and the wheels carried to the machine installed with their "
              "bytecode compiled, as pip does by default (they had been installed with --no-compile, and the profile "
              "showed 4.8 s of Python compiling their source). v8 against v7b: trial loop 30.8 -> 24.9 s (waits for "
              "the GPU 14.4 -> 9.0 s, for compiles 5.6 -> 7.5 s, the loop's own work 10.8 -> 8.4 s), re-measuring "
              "12.5 -> 7.6 s, before the tune (imports) 8.0 -> 6.0 s. v8b spent 3.6 s more in the loop (compile "
-             "waits 8.9 s) and 1.5 s more re-measuring. Geometric mean over SGLang's default 1.208x–1.218x in all of "
+             "waits 8.9 s), 1.5 s more re-measuring and 1.5 s more before the tune; v8c's compile waits were 5.4 s, "
+             "its loop 22.8 s. Geometric mean over SGLang's default 1.208x–1.218x in all of "
              "them; every guard passed."), "",
             ("The measuring process itself (`benchmarks/profile_measure.py --split-stages --configs 12 --batch-sizes "
              "1,64,1024,4096`, H200, DeepSeek-V4-Flash TP8, every config twice in the tune's order; "
@@ -643,8 +644,8 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "ratio 1.139; 9.8 µs at M=4096, ratio 1.008), the same for every config, so a pair tune's trial values "
              "shift and their order does not; the exported latencies and speedups come from re-measuring, which "
              "times whole calls without events."), "",
-            ("What goal 2 needs next (43.5 and 50.8 s in two runs of the same code, 45 s asked): the compile "
-             "waits (7.5–8.9 s; 233–256 compiles of about a second each on 14 workers, the search's speculative "
+            ("What goal 2 needs next (43.3–50.8 s in three runs of the same code, two within the 45 s asked): the "
+             "compile waits (5.4–8.9 s; 233–260 compiles of about a second each on 14 workers, the search's speculative "
              "compiles among them, and the workers' start-up before the first one); the trial loop's own work "
              "(8–10 s; claims read each study under the lock); the imports before the tune (6.0–7.5 s)."),
             ""]

@@ -227,7 +227,8 @@ class IsolatedMeasurer:
             self.crashes += 1
             failure = f"Timeout: no result after {self.timeout_s:g} s"
             # A measurement behind it may have been prepared meanwhile, its eager call the one that hangs.
-            retry = not alone and self._info.prefetches and any(f is _measure for f, _, _ in list(self._sent)[1:])
+            retry = (fn is _measure and not alone and self._info.prefetches
+                     and any(f is _measure for f, _, _ in list(self._sent)[1:]))
         else:
             try:
                 kind, value, alive = self._conn.recv()
