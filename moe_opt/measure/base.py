@@ -120,6 +120,17 @@ def custom_info(measurer: Any) -> MeasurerInfo:
     return MeasurerInfo(device_name="unknown", source=f"custom:{name}", description=name)
 
 
+def measure_options(stop_above_us: float | None = None, upcoming: Callable | None = None) -> dict[str, Any]:
+    """The optional arguments of ``measure``/``submit`` that are set, by name (MeasurerInfo.stops_early and
+    prefetches say which a measurer takes; one that declares neither is called with none)."""
+    options: dict[str, Any] = {}
+    if stop_above_us is not None:
+        options["stop_above_us"] = stop_above_us
+    if upcoming is not None:
+        options["upcoming"] = upcoming
+    return options
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line naming the failure: the exception type and the first line of its message."""
     text = str(exc).strip().splitlines()

@@ -21,8 +21,8 @@ class CheckedMeasurer:
         self.info = custom_info(measurer)
 
     def measure(self, config: Config, M: int, **options) -> Measurement:
-        """The inner measurer's result, checked; ``options`` (``stop_above_us``, where its info declares
-        stops_early) passed on."""
+        """The inner measurer's result, checked; ``options`` (``stop_above_us``, ``upcoming``: where its info
+        declares stops_early, prefetches) passed on."""
         return checked_measurement(self.inner.measure(config, M, **options), self.inner)
 
 

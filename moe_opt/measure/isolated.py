@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from ..errors import TuneError
 from ..space import Config
-from .base import HealthReporting, Measurement, MeasurerInfo, custom_info, describe_failure
+from .base import HealthReporting, Measurement, MeasurerInfo, custom_info, describe_failure, measure_options
 
 DEFAULT_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 600.0  # building the measurer: CUDA context, weights, imports
@@ -86,13 +86,7 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
 
 def _measure(measurer, config: Config, M: int, stop_above_us: float | None = None,
              upcoming: Callable[[], tuple[Config, int] | None] | None = None) -> Measurement:
-    # By name, as MeasureQueue and measure_one pass them; each only where the measurer's info declares it.
-    options: dict[str, Any] = {}
-    if stop_above_us is not None:
-        options["stop_above_us"] = stop_above_us
-    if upcoming is not None:
-        options["upcoming"] = upcoming
-    return measurer.measure(config, M, **options)
+    return measurer.measure(config, M, **measure_options(stop_above_us, upcoming))
 
 
 def _with_inputs(measurer, fn: Callable[..., Any], *args: Any) -> Any:

@@ -24,7 +24,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from ..errors import TuneError
-from ..measure.base import AsyncMeasurer, Measurement, describe_failure
+from ..measure.base import AsyncMeasurer, Measurement, describe_failure, measure_options
 from ..search.base import Strategy
 from ..space import Config
 from ..store.results import DOWN_ATTR, UP_ATTR
@@ -71,9 +71,7 @@ def measure_one(measurer: Any, pool: Any, config: Config, M: int, stop_above_us:
         if failure is not None:
             return Measurement(None, failure)
     try:
-        if stop_above_us is not None:
-            return measurer.measure(config, M, stop_above_us=stop_above_us)
-        return measurer.measure(config, M)
+        return measurer.measure(config, M, **measure_options(stop_above_us))
     except TuneError:
         raise
     except Exception as exc:  # failure is a value: never let one config end the study
@@ -105,10 +103,7 @@ class MeasureQueue:
         """Queue one measurement; ``stop_above_us`` is passed on where the measurer stops early, else dropped."""
         stop_above_us = stop_above_us if self.stops_early else None
         if self.asynchronous:
-            if stop_above_us is None:
-                self.measurer.submit(config, M)
-            else:
-                self.measurer.submit(config, M, stop_above_us=stop_above_us)
+            self.measurer.submit(config, M, **measure_options(stop_above_us))
         else:
             self._waiting.append((config, M, stop_above_us))
 
