@@ -54,6 +54,7 @@ NEARBY_OCTAVES = 2
 # whose warps step is the optimum. With 0.1%, 0.2% or 0.5% every table reached 1% at 32 trials in 20 of 20 seeds;
 # with 1% Qwen3-30B-A3B's M=256 missed in 20 (docs/tuning.md).
 NEAR_TIE = 0.002
+GEOMETRY_ROWS = 256  # candidates per block when Geometry computes every pair's distances
 
 
 def is_latency(value: object) -> bool:
@@ -73,20 +74,33 @@ class Geometry:
         self.index = {c: i for i, c in enumerate(candidates)}
         choices = [sorted({getattr(c, p) for c in candidates}) for p in FEATURES]
         steps = np.array([[choices[j].index(getattr(c, p)) for j, p in enumerate(FEATURES)]
-                          for c in candidates], dtype=np.float64)
+                          for c in candidates], dtype=np.int8)  # a tunable has at most a few dozen choices
         decay = np.array([STEP_DECAY[p] for p in FEATURES])
-        # Similarity of every pair of candidates: exp(-sum of decayed step distances).
-        step_distance = np.abs(steps[:, None, :] - steps[None, :, :])
-        self.similarity = np.exp(-(step_distance @ decay))
-        # The local moves of the pattern search: one step along one tunable (ring 1), or along two (ring 2,
-        # e.g. a smaller BLOCK_SIZE_M with a larger BLOCK_SIZE_N, which single steps cannot reach past a ridge).
-        total_steps = step_distance.sum(axis=2)
-        self.rings = (total_steps == 1, (total_steps == 2) & (step_distance.max(axis=2) == 1))
-        # Exchange moves: one block size a step up, another a step down, the rest unchanged (a part of ring 2
-        # searched with ring 1: it keeps the tile's size about the same).
         blocks = [PARAM_NAMES.index(p) for p in EXCHANGED]
-        signed = steps[:, None, blocks] - steps[None, :, blocks]
-        self.exchange = self.rings[1] & (np.abs(signed).sum(axis=2) == 2) & (signed.sum(axis=2) == 0)
+        n = len(candidates)
+        self.similarity = np.empty((n, n))
+        ring1, ring2, exchange = (np.empty((n, n), dtype=bool) for _ in range(3))
+        # Every pair's step distances along the seven tunables, GEOMETRY_ROWS candidates at a time: all at once they
+        # are an n x n x 7 array (2,496 candidates of a TMA space: 350 MB of float64, 12 s to fill on a 2-core VM;
+        # in row blocks of int8, 0.8 s). Each block's similarities are the same floating-point operations as over the
+        # whole array, so the values are bit for bit the same.
+        for start in range(0, n, GEOMETRY_ROWS):
+            rows = slice(start, start + GEOMETRY_ROWS)
+            signed = steps[rows, None, :] - steps[None, :, :]
+            distance = np.abs(signed)
+            # Similarity of every pair of candidates: exp(-sum of decayed step distances).
+            self.similarity[rows] = np.exp(-(distance.astype(np.float64) @ decay))
+            # The local moves of the pattern search: one step along one tunable (ring 1), or along two (ring 2,
+            # e.g. a smaller BLOCK_SIZE_M with a larger BLOCK_SIZE_N, which single steps cannot reach past a ridge).
+            total = distance.sum(axis=2, dtype=np.int16)
+            ring1[rows] = total == 1
+            ring2[rows] = (total == 2) & (distance.max(axis=2) == 1)
+            # Exchange moves: one block size a step up, another a step down, the rest unchanged (a part of ring 2
+            # searched with ring 1: it keeps the tile's size about the same).
+            exchange[rows] = (ring2[rows] & (distance[:, :, blocks].sum(axis=2, dtype=np.int16) == 2)
+                              & (signed[:, :, blocks].sum(axis=2, dtype=np.int16) == 0))
+        self.rings = (ring1, ring2)
+        self.exchange = exchange
         self.steps = steps.astype(np.int64)
         self.at_steps = {tuple(row): i for i, row in enumerate(self.steps)}
 
