@@ -56,13 +56,19 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
 
+    imports = {"before_s": time.time() - STARTED}  # the interpreter's start and the standard library
+    t0 = time.time()
     import torch
+    imports["torch_s"] = time.time() - t0
+    t0 = time.time()
     import triton
-
+    imports["triton_s"] = time.time() - t0
+    t0 = time.time()
     import moe_opt
     from moe_opt.measure.roofline import copy_bandwidth_gbps
     from moe_opt.store.results import study_result
     from moe_opt.store.storage import open_storage
+    imports["moe_opt_s"] = time.time() - t0
 
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
@@ -91,6 +97,7 @@ def main() -> int:
         "cpu_affinity": len(os.sched_getaffinity(0)), "triton": triton.__version__, "torch": torch.__version__,
         "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
         "wall_s": round(wall_s, 1), "tune_wall_s": round(result.wall_s, 1),
+        "imports": {k: round(v, 2) for k, v in imports.items()},
         "timings": {k: round(v, 2) for k, v in result.timings.items()},
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterable
 
@@ -117,6 +118,7 @@ class CompilePool:
         self._submitted = 0
         self.broken: str | None = None  # why the pool stopped compiling, once it has
         self.launch_failed: str | None = None  # the first launch error of a worker (not a compile failure)
+        self.ready_at: float | None = None  # when the first worker had started, after prestart()
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -152,9 +154,15 @@ class CompilePool:
             self._submitted += 1
 
     def prestart(self) -> None:
-        """Start every worker now (seconds of imports and CUDA set-up), not when the first configs arrive."""
+        """Start every worker now (seconds of imports and CUDA set-up), not when the first configs arrive.
+        ``ready_at`` becomes the time.perf_counter() at which the first of them could compile."""
+
+        def started(_future: Future) -> None:
+            if self.ready_at is None:
+                self.ready_at = time.perf_counter()
+
         for _ in range(self.workers):
-            self._executor.submit(_started)
+            self._executor.submit(_started).add_done_callback(started)
 
     @property
     def compiled(self) -> int:

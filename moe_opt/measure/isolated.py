@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import signal
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -120,6 +121,7 @@ class IsolatedMeasurer:
         self._ready = False
         self._sent: deque = deque()  # (fn, args, alone) sent to the child and not collected yet, oldest first
         self.crashes = 0
+        self.ready_at: float | None = None  # time.perf_counter() when the first child had built its measurer
 
     @property
     def info(self) -> MeasurerInfo:
@@ -174,6 +176,8 @@ class IsolatedMeasurer:
         if self._info is None:
             self._info = dataclasses.replace(value, description=f"{value.description}, in an isolated process")
         self._ready = True
+        if self.ready_at is None:
+            self.ready_at = time.perf_counter()
 
     def _kill(self) -> int | None:
         proc, self._proc = self._proc, None

@@ -61,6 +61,7 @@ class LoopTimes:
     compile_wait_s: float = 0.0  # nothing to measure: every claimed config was still compiling
     measured: int = 0  # configurations measured on the measurer
     compile_failed: int = 0  # claimed configs that failed to compile (told without measuring)
+    first_result_at: float | None = None  # time.perf_counter() when the first measurement came back
 
 
 def measure_one(measurer: Any, pool: Any, config: Config, M: int, stop_above_us: float | None = None) -> Measurement:
@@ -247,6 +248,8 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                 m = queue.collect()
                 times.measuring_s += time.perf_counter() - t0
                 times.measured += 1
+                if times.first_result_at is None:
+                    times.first_result_at = time.perf_counter()
                 finish(c, m)
         except BaseException:  # Ctrl-C twice, SIGTERM, or an error: every held trial is released, none left RUNNING
             with deferred_signals():

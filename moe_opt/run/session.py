@@ -555,6 +555,17 @@ class TuneSession:
                "collect_export_s": after_guard_s, "measured": float(self.times.measured)}
         if self.pool is not None:
             out["compiled"] = float(self.pool.compiled)
+        # When the GPU could first work, from the session's start: the measuring process built its measurer, the
+        # first compile worker started, the first measurement came back (docs/performance.md's start-up figures).
+        from ..measure.compile_pool import CompilePool
+        from ..measure.isolated import IsolatedMeasurer
+
+        for key, at in (("measurer_ready_s", self.measurer.ready_at if isinstance(self.measurer, IsolatedMeasurer)
+                         else None),
+                        ("pool_ready_s", self.pool.ready_at if isinstance(self.pool, CompilePool) else None),
+                        ("first_result_s", self.times.first_result_at)):
+            if at is not None:
+                out[key] = at - self.started
         return out
 
     # --- closing ------------------------------------------------------------------------------------------------
