@@ -189,3 +189,26 @@ def test_ctrl_c_during_the_warm_start_exports_nothing_and_resumes(files, tmp_pat
     monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
     result = moe_opt.tune(replay=TABLE, n_trials=2, storage="sqlite:///s.db", output_dir="out", progress=False)
     assert result.trials_used == {1: 2, 16: 2, 64: 2, 256: 2, 1024: 2, 4096: 2} and result.files["sglang"].exists()
+
+
+def test_triton_imported_before_moe_opt_without_a_gpu_is_one_clear_error(tmp_path):
+    # Triton's interpreter must be chosen before Triton loads (kernel/__init__.py); otherwise every config of a CPU tune
+    # failed with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU Triton compiles the kernels: the order of imports does not matter there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    late = subprocess.run([sys.executable, "-c", "import triton; import moe_opt.kernel"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert late.returncode != 0
+    last = late.stderr.strip().splitlines()[-1]
+    assert "Triton was imported before moe_opt" in last and "TRITON_INTERPRET=1" in last
+    first = subprocess.run([sys.executable, "-c", "import moe_opt.kernel, triton, os; print(os.environ['TRITON_INTERPRET'])"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "1"
