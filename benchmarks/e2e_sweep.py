@@ -31,6 +31,9 @@ def main() -> int:
     p.add_argument("--down-config", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--json", required=True)
     args = p.parse_args()
+    from python_env import bytecode_state  # benchmarks/, beside this script
+
+    bytecode = bytecode_state()
     work = Path(tempfile.mkdtemp(prefix="moe_opt_sweep_"))
     os.environ["TRITON_CACHE_DIR"] = str(work / "triton_cache")  # empty, before Triton is imported
     os.chdir(work)
@@ -56,7 +59,8 @@ def main() -> int:
               "tp_sizes": tps, "device": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
               "triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
               "date": time.strftime("%Y-%m-%d"), "wall_s": round(wall_s, 1), "sweep_wall_s": round(out.wall_s, 1),
-              "down_config": args.down_config, "commit": os.environ.get("MOE_OPT_COMMIT"), "shapes": shapes}
+              "down_config": args.down_config, "commit": os.environ.get("MOE_OPT_COMMIT"), "python_bytecode": bytecode,
+              "shapes": shapes}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"sweep wall {wall_s:.1f} s from the script's start; wrote {args.json}", flush=True)

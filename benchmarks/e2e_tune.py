@@ -44,6 +44,9 @@ def main() -> int:
     p.add_argument("--batch-sizes", default=None, help="M,M,...: tune()'s batch_sizes (default: its 18)")
     p.add_argument("--compile-workers", type=int, default=None, help="tune()'s compile_workers (default: its own)")
     args = p.parse_args()
+    from python_env import bytecode_state  # benchmarks/, beside this script
+
+    bytecode = bytecode_state()
     if "=" in args.kernel:  # the folder is read after the chdir below
         name, folder = args.kernel.split("=", 1)
         args.kernel = f"{name}={Path(folder).resolve()}"
@@ -103,7 +106,7 @@ def main() -> int:
         "files": {k: str(v) for k, v in result.files.items()}, "per_batch_size": rows,
         "down_config": args.down_config, "routing": args.routing, "pairs": result.pairs,
         "commit": os.environ.get("MOE_OPT_COMMIT"), "storage": str(result.storage), "tma": args.tma,
-        "kernel": args.kernel, "batch_sizes": args.batch_sizes,
+        "kernel": args.kernel, "batch_sizes": args.batch_sizes, "python_bytecode": bytecode,
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
