@@ -217,13 +217,13 @@ class TuneSession:
             self.devices = worker_devices(plan.n_workers, plan.device)
         device = "cuda:0" if self.parallel else plan.device
         self.pair = self._pair()
+        # Started now where this process measures: the seconds of start-up of both overlap the study set-up.
         self.measurer = isolated_cuda_graph_timer(self.spec, device, plan.measure_timeout_s, self.backend.ref,
-                                                  routing=self.routing, split_stages=self.pair)
+                                                  routing=self.routing, split_stages=self.pair,
+                                                  start=not self.parallel)
         self._owned.append(self.measurer)
-        if not self.parallel:  # start both now: their seconds of start-up overlap the study set-up
-            self.measurer.start()
-            if self.pool is None:
-                self.pool = self._start_compile_pool()
+        if not self.parallel and self.pool is None:
+            self.pool = self._start_compile_pool()
 
     def _open_interpreter(self) -> None:
         from ..measure.interpreter import InterpreterTimer
@@ -390,6 +390,8 @@ class TuneSession:
                 self.studies, self.strategy, self.measurer, self.pool, self.n_trials, coord=self.coord,
                 defaults=self.space.defaults, deadline=deadline, progress=plan.progress and self.worker is None,
                 stop=self.worker.stop if self.worker is not None else None, times=self.times)
+            if self.pool is not None and any(thing is self.pool for thing in self._owned):
+                self.pool.retire()  # re-measuring and the guard time compiled configs only
         self._marks["searched"] = time.perf_counter()
         return self.interrupted
 
