@@ -532,31 +532,3 @@ def test_a_measurer_that_stops_early_is_told_a_margin_over_the_batch_sizes_best_
             best = min(best, us)
         assert after and all(stop is None for stop, _ in after)  # re-measuring never stops early
 
-
-def test_a_retired_compile_pool_keeps_its_results_and_leaves_new_configs_to_the_measurer():
-    """After the search the tune retires its compile pool (its workers exit while it re-measures): what was compiled
-    keeps its result, a compile failure included; a config asked for afterwards is not compiled there, and
-    compile_failure() reports none for it, so the measuring process compiles it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from moe_opt.measure.compile_pool import CompilePool
-    from moe_opt.run.scheduler import compile_failure
-
-    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
-    ok, bad, later = Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 1, 4, 3), Config(16, 32, 128, 1, 4, 3)
-    calls: list[Config] = []
-
-    def scripted(config: Config, M: int) -> str | None:
-        calls.append(config)
-        return "OutOfResources: out of resource: shared memory (scripted)" if config == bad else None
-
-    threads = ThreadPoolExecutor(2)
-    pool = CompilePool(spec, workers=2, shared_memory_bytes=232_448, executor=threads, compile_fn=scripted)
-    assert pool.compile([ok, bad], M=1) == {ok: None, bad: "OutOfResources: out of resource: shared memory (scripted)"}
-    pool.retire()
-    assert pool.retired and threads._shutdown  # the executor was told to let its workers go
-    pool.ensure([(later, 1)], speculative=True)
-    assert compile_failure(pool, later, 1) is None and compile_failure(pool, bad, 64) is not None
-    assert pool.ready(later, 1) and sorted(map(str, calls)) == sorted(map(str, [ok, bad]))
-    assert pool.broken is None  # retired, not broken: no "the compile pool failed" message
-    pool.close()

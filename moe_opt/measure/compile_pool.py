@@ -119,7 +119,6 @@ class CompilePool:
         self.broken: str | None = None  # why the pool stopped compiling, once it has
         self.launch_failed: str | None = None  # the first launch error of a worker (not a compile failure)
         self.ready_at: float | None = None  # when the first worker had started, after prestart()
-        self.retired = False  # retire() was called: nothing more is compiled here
         self._compile = compile_fn or _compile_one
         self._executor = executor or ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -139,9 +138,6 @@ class CompilePool:
         for config, M in jobs:
             key = self._key(config, M)
             if key in self.results or key in self._inflight:
-                continue
-            if self.retired:  # the measuring process compiles it (None: not a compile failure)
-                self.results[key] = None
                 continue
             if speculative and len(self._inflight) >= self.workers:
                 return
@@ -229,14 +225,6 @@ class CompilePool:
         configs = list(configs)
         self.ensure((c, M) for c in configs)
         return {c: self.result(c, M) for c in configs}
-
-    def retire(self) -> None:
-        """Nothing more will be asked of the pool (a tune's search is over): its workers exit now, in the
-        background, while the tune re-measures; compiles under way finish and keep their results, and a config
-        asked for afterwards is left to the measuring process (result() is None for it). Each worker's exit tears
-        down a CUDA context and torch: about a second, which :meth:`close` would otherwise wait for at the end."""
-        self.retired = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

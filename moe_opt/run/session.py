@@ -390,8 +390,6 @@ class TuneSession:
                 self.studies, self.strategy, self.measurer, self.pool, self.n_trials, coord=self.coord,
                 defaults=self.space.defaults, deadline=deadline, progress=plan.progress and self.worker is None,
                 stop=self.worker.stop if self.worker is not None else None, times=self.times)
-            if self.pool is not None and any(thing is self.pool for thing in self._owned):
-                self.pool.retire()  # re-measuring and the guard time compiled configs only
         self._marks["searched"] = time.perf_counter()
         return self.interrupted
 
