@@ -77,8 +77,9 @@ def bytecode_text(run: dict) -> str:
     """How the run's Python loaded torch (benchmarks/python_env.py), in words."""
     state = run.get("python_bytecode")
     if state is None:
-        return ("torch's bytecode not recorded (before 2026-12-02; the lent machine sets PYTHONDONTWRITEBYTECODE=1 "
-                "and its torch has no `__pycache__`, so every process compiled torch from source)")
+        return ("torch's bytecode not recorded (the record predates benchmarks/python_env.py; the lent machine sets "
+                "PYTHONDONTWRITEBYTECODE=1 and its torch has no `__pycache__`, so every process compiled torch from "
+                "source)")
     if state["torch_bytecode_cached"]:
         return (f"torch loaded from bytecode compiled once into PYTHONPYCACHEPREFIX={state['pycache_prefix']} "
                 "before the runs, as a pip-installed torch has it")
