@@ -683,14 +683,14 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "and the timer built at 4.3–4.4 s alone, 5.3 s beside the 14 compile workers starting; with the "
              "bytecode cached 2.1–2.4 and 2.4–2.7 s alone, 5.2 s beside the workers (torch at 3.4 s, then its CUDA "
              "context 0.5 s and the timer's build 1.2 s while 14 other processes make theirs). The same code with the "
-             "bytecode cached: 37.1 and 39.0 s (de1cd08), then on three more machines 54.6 s (the first run on a "
+             "bytecode cached: 37.1 and 39.0 s (de1cd08), then in two later device calls 54.6 s (the first run on a "
              "freshly started one: torch's files read from disk, the measuring process ready 12.5 s after the "
              "tune's start, compile waits 11.6 s), 42.0 and 43.3 s (e4dd411), 47.4, 42.3 and 45.8 s (64a3c6e); as "
              "lent 66.7 (freshly started), 51.1 and 47.6 s. In the bytecode-cached runs after the first on a "
              "machine the measuring process was ready 6.4–8.5 s after the tune's start, its first result back at "
              "7.4–9.7 s, the tune's own start-up 2.9–4.0 s; the loop then waited 4.5–7.5 s for compiles in all and "
-             "re-measuring took 8.0–10.8 s. Runs of the same code differ by up to 10 s between machines of this "
-             "kind (37.1 and 47.4 s), so each figure is one machine's."), "",
+             "re-measuring took 8.0–10.8 s. The same moe_opt code (de1cd08, e4dd411) took 37.1–39.0 s on one "
+             "machine and 42.0–43.3 s on another after each one's first run, so each figure is one machine's."), "",
             ("Changes of this session measured there: the search's candidate geometry (every pair of 2,496 "
              "candidates) is built in blocks of int8 (13.5 -> 0.8 s on the 2-core development machine, the same "
              "values bit for bit); on the H200's host it had not been the start-up's bottleneck (start-up 4.0–4.3 s "
