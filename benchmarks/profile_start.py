@@ -44,6 +44,7 @@ def _measuring_steps(spec_dict: dict, queue) -> None:
 
 def scenario(spec, with_pool: bool, workers: int) -> dict:
     from moe_opt.measure.compile_pool import CompilePool
+    from moe_opt.space import HOPPER_SHARED_MEMORY_BYTES
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -52,7 +53,7 @@ def scenario(spec, with_pool: bool, workers: int) -> dict:
     proc.start()
     pool = None
     if with_pool:
-        pool = CompilePool(spec, workers=workers, shared_memory_bytes=232448)
+        pool = CompilePool(spec, workers=workers, shared_memory_bytes=HOPPER_SHARED_MEMORY_BYTES)
         pool.prestart()
     marks = queue.get(timeout=300)
     proc.join()

@@ -531,4 +531,3 @@ def test_a_measurer_that_stops_early_is_told_a_margin_over_the_batch_sizes_best_
             assert stop == pytest.approx(STOP_ABOVE_BEST * best)
             best = min(best, us)
         assert after and all(stop is None for stop, _ in after)  # re-measuring never stops early
-
