@@ -234,6 +234,46 @@ def test_the_isolated_process_passes_the_stop_margin_on_to_a_measurer_that_stops
     assert told[0] == "None" and all(stop != "None" for stop in told[1:4])  # the trials after the first
 
 
+class SlowReplay(ReplayTable):
+    """A table that takes a second to build, then says so in a file; a tenth of a second per measurement; and a
+    process that takes a minute to exit once told to stop."""
+
+    def __init__(self, path: str, ready_file: str):
+        time.sleep(1.0)
+        super().__init__(path)
+        Path(ready_file).write_text("ready")
+        from multiprocessing import util
+
+        util.Finalize(self, time.sleep, args=(60,), exitpriority=0)  # run as the child leaves
+
+    def measure(self, config: Config, M: int) -> Measurement:
+        time.sleep(0.1)
+        return super().measure(config, M)
+
+
+def test_the_isolated_process_says_when_it_was_ready_and_how_long_it_worked_and_its_exit_is_not_waited_for(tmp_path):
+    ready_file = tmp_path / "ready"
+    measurer = IsolatedMeasurer(partial(SlowReplay, TABLE, str(ready_file)), timeout_s=30)
+    spawned = time.perf_counter()
+    measurer.start()
+    while not ready_file.exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    asked = time.perf_counter()
+    results = [measurer.measure(default(M), M) for M in (1, 16, 64)]
+    assert all(m.ok for m in results)
+    # When the child was ready by its own clock, not when this process first asked: a second before.
+    assert spawned + 1.0 < measurer.ready_at < asked - 0.5
+    assert 0.3 <= measurer.busy_s < time.perf_counter() - asked
+    child = measurer._proc
+    measurer.close()  # told to stop; its minute-long exit goes on without this process waiting for it
+    try:
+        assert child.is_alive() and measurer._proc is None
+    finally:
+        child.kill()
+        child.join(10)
+
+
 class PrefetchingFaultyReplay(FaultyReplay):
     """FaultyReplay whose measurer prepares the next measurement during the running one, as the CUDA-graph timer
     captures the next graph (MeasurerInfo.prefetches): preparing the bad config breaks the process as running it

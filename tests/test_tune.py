@@ -243,6 +243,10 @@ def test_on_the_gpu_path_configs_are_measured_as_their_compiles_finish(tmp_path)
     first_at_1 = min(t for t, M, _ in measured if M == 1)
     assert {M for t, M, _ in measured if t < first_at_1} == {16, 64, 256, 1024, 4096}
     assert r.timings["compiled"] == len(compiled_at) and r.timings["measuring_s"] > 0
+    # The start's timeline, the measuring process's own working time and the closing (TuneResult.timings).
+    t = r.timings
+    assert t["measurer_ready_s"] <= t["first_result_s"] and t["first_submit_s"] <= t["first_result_s"]
+    assert 0 < t["measurer_busy_s"] < r.wall_s and t["close_s"] >= 0
 
 
 def test_a_kernel_that_specializes_on_the_batch_size_is_compiled_once_per_batch_size():
@@ -267,6 +271,34 @@ def test_a_kernel_that_specializes_on_the_batch_size_is_compiled_once_per_batch_
             assert [pool.result(config, M) for M in (1, 8, 64)] == [None] * 3
             assert pool.ready(config, 64) and pool.compiled == len(compiled)
         assert sorted(calls) == compiled
+
+
+def test_closing_the_compile_pool_cancels_what_has_not_started_and_does_not_wait_for_the_rest():
+    """A tune's end does not wait for its compile workers: a compile still running finishes on its own, one not
+    started never starts (on the GPU each worker's exit is also its CUDA context's teardown)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_opt.measure.compile_pool import CompilePool
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    release, started = threading.Event(), []
+
+    def held_compile(config: Config, M: int) -> None:
+        started.append(config)
+        release.wait(10)
+
+    configs = [Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 1, 4, 3)]
+    threads = ThreadPoolExecutor(1)
+    pool = CompilePool(spec, workers=1, shared_memory_bytes=232_448, executor=threads, compile_fn=held_compile)
+    pool.ensure([(c, 1) for c in configs])
+    while not started:
+        time.sleep(0.01)
+    pool.close()
+    assert not pool.ready(configs[0], 1)  # still compiling: close() did not wait for it
+    release.set()
+    threads.shutdown(wait=True)
+    assert started == configs[:1]  # the queued one was cancelled
 
 
 def test_a_compile_pool_that_breaks_says_so_once_and_leaves_compiling_to_the_measurer(capsys):

@@ -227,7 +227,10 @@ class CompilePool:
         return {c: self.result(c, M) for c in configs}
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Cancel the compiles not started and let the workers exit without waiting for them: a tune's result is
+        written by then, and each worker's exit (its CUDA context's teardown) is the driver's work, not the tune's.
+        The pool's own thread reaps them; an interpreter that exits meanwhile waits for that (concurrent.futures)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "CompilePool":
         return self

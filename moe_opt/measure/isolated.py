@@ -44,7 +44,7 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
     except BaseException as exc:
         conn.send(("error", describe_failure(exc)))
         return
-    conn.send(("ready", info))
+    conn.send(("ready", info, time.time()))  # when it was ready: the tuning process may ask later
     pending: deque = deque()  # messages read ahead: a measurement asked what comes next (upcoming)
 
     def upcoming() -> tuple[Config, int] | None:
@@ -67,10 +67,12 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
             return
         _, fn, args, alone = message
         options = {"upcoming": upcoming} if info.prefetches and fn is _measure and not alone else {}
+        started = time.perf_counter()
         try:
             kind, value = "ok", fn(measurer, *args, **options)
         except Exception as exc:
             kind, value = "error", describe_failure(exc)
+        busy_s = time.perf_counter() - started
         # A sticky CUDA error (an illegal memory access) breaks the context for good: say so, and leave.
         alive = not isinstance(measurer, HealthReporting) or measurer.healthy()
         if not alive and options and measurer.prefetched and not (kind == "ok" and value.ok):
@@ -78,7 +80,7 @@ def _child_main(factory: Callable[[], Any] | None, conn) -> None:
             # Measured again alone, in a fresh process, before it counts.
             kind = "retry"
         try:
-            conn.send((kind, value, alive))
+            conn.send((kind, value, alive, busy_s))
         except (BrokenPipeError, OSError):
             return
         if not alive:
@@ -122,6 +124,7 @@ class IsolatedMeasurer:
         self._sent: deque = deque()  # (fn, args, alone) sent to the child and not collected yet, oldest first
         self.crashes = 0
         self.ready_at: float | None = None  # time.perf_counter() when the first child had built its measurer
+        self.busy_s = 0.0  # seconds the children spent in the calls whose results came back
 
     @property
     def info(self) -> MeasurerInfo:
@@ -166,7 +169,7 @@ class IsolatedMeasurer:
             self._kill()
             raise TuneError(f"the measuring process did not start within {self.start_timeout_s:g} s")
         try:
-            kind, value = self._conn.recv()
+            kind, value, *ready_time = self._conn.recv()
         except (EOFError, OSError):
             code = self._kill()
             raise TuneError(f"the measuring process died while starting (exit code {code})") from None
@@ -176,8 +179,8 @@ class IsolatedMeasurer:
         if self._info is None:
             self._info = dataclasses.replace(value, description=f"{value.description}, in an isolated process")
         self._ready = True
-        if self.ready_at is None:
-            self.ready_at = time.perf_counter()
+        if self.ready_at is None:  # the child's clock says when, however much later this process asks
+            self.ready_at = time.perf_counter() - (max(0.0, time.time() - ready_time[0]) if ready_time else 0.0)
 
     def _kill(self) -> int | None:
         proc, self._proc = self._proc, None
@@ -229,12 +232,13 @@ class IsolatedMeasurer:
                      and any(f is _measure for f, _, _ in list(self._sent)[1:]))
         else:
             try:
-                kind, value, alive = self._conn.recv()
+                kind, value, alive, busy_s = self._conn.recv()
             except (EOFError, OSError):
                 code = self._kill()
                 self.crashes += 1
                 failure = f"WorkerCrashed: exit code {code}"
             else:
+                self.busy_s += busy_s
                 if not alive:
                     self._kill()  # it leaves by itself; the calls behind go to a fresh one
                 if kind == "error":
@@ -279,13 +283,20 @@ class IsolatedMeasurer:
             return Measurement(None, str(exc))
 
     def close(self) -> None:
+        """Tell the child to stop, and leave it to exit: nothing waits for its CUDA context's teardown (it is
+        daemonic: multiprocessing reaps it, and ends it at the interpreter's exit if it is still there)."""
         self._sent.clear()
-        if self._proc is not None and self._proc.is_alive():
+        proc, conn = self._proc, self._conn
+        if proc is not None and proc.is_alive():
             try:
-                self._conn.send(("stop",))
-                self._proc.join(10)
+                conn.send(("stop",))
             except (BrokenPipeError, OSError):
-                pass
+                self._kill()
+                return
+            self._proc, self._ready = None, False
+            conn.close()
+            self._conn = None
+            return
         self._kill()
 
     def __enter__(self) -> "IsolatedMeasurer":

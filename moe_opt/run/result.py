@@ -35,10 +35,12 @@ class TuneResult:
         timings: where the wall time went, in seconds: start_s (to the first trial: studies, warm start, the
             measuring process), search_s (the trial loop), of which measuring_s (waiting for measurements) and
             compile_wait_s (every claimed config still compiling), confirm_s (re-measuring the close contenders),
-            guard_s, collect_export_s; with counts measured and compiled; and, from the tune's start, when the
-            measuring process had built its measurer (measurer_ready_s), the first compile worker had started
-            (pool_ready_s) and the first measurement came back (first_result_s), where there were those. Empty for
-            a tune with several workers.
+            guard_s, collect_export_s; with counts measured and compiled; from the tune's start, when the
+            measuring process had built its measurer (measurer_ready_s, by its own clock), the first compile worker
+            had started (pool_ready_s), the first config was handed to the measurer (first_submit_s: its compile
+            had finished) and its measurement came back (first_result_s), where there were those; the seconds the
+            measuring process spent measuring (measurer_busy_s); and close_s, stopping the processes the tune
+            started (after wall_s: it does not wait for their exit). Empty for a tune with several workers.
     """
 
     best: dict[int, dict[str, int]]

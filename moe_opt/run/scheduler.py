@@ -61,6 +61,7 @@ class LoopTimes:
     compile_wait_s: float = 0.0  # nothing to measure: every claimed config was still compiling
     measured: int = 0  # configurations measured on the measurer
     compile_failed: int = 0  # claimed configs that failed to compile (told without measuring)
+    first_submit_at: float | None = None  # time.perf_counter() when the first config was handed to the measurer
     first_result_at: float | None = None  # time.perf_counter() when the first measurement came back
 
 
@@ -237,6 +238,8 @@ def run_trials(studies: dict[int, optuna.Study], strategy: Strategy, measurer: A
                         best_us = strategy.best_us(c.M)
                         queue.submit(c.config, c.M, None if best_us is None else STOP_ABOVE_BEST * best_us)
                         inflight.append(c)
+                        if times.first_submit_at is None:
+                            times.first_submit_at = time.perf_counter()
                 if not inflight:
                     if stopping or len(done) == len(studies):
                         break

@@ -130,6 +130,7 @@ class TuneSession:
         self.worker_errors: list[str] = []
         self.idle_note: str | None = None  # why no worker process was started (a search with nothing left)
         self._marks: dict[str, float] = {}
+        self._result_made: TuneResult | None = None  # finalize()'s, which close() adds its own time to
 
     @property
     def parallel(self) -> bool:
@@ -433,6 +434,7 @@ class TuneSession:
         result.wall_s = time.perf_counter() - self.started
         if not self.parallel:
             result.timings = self._timings(t1 - t0, t2 - t1, result.wall_s - (t2 - self.started))
+            self._result_made = result
         if plan.progress:
             from ..view.summary import summary_text
 
@@ -560,20 +562,30 @@ class TuneSession:
         from ..measure.compile_pool import CompilePool
         from ..measure.isolated import IsolatedMeasurer
 
-        for key, at in (("measurer_ready_s", self.measurer.ready_at if isinstance(self.measurer, IsolatedMeasurer)
-                         else None),
+        from ..measure.checked import CheckedMeasurer
+
+        measurer = self.measurer.inner if isinstance(self.measurer, CheckedMeasurer) else self.measurer
+        isolated = isinstance(measurer, IsolatedMeasurer)
+        for key, at in (("measurer_ready_s", measurer.ready_at if isolated else None),
                         ("pool_ready_s", self.pool.ready_at if isinstance(self.pool, CompilePool) else None),
+                        ("first_submit_s", self.times.first_submit_at),
                         ("first_result_s", self.times.first_result_at)):
             if at is not None:
                 out[key] = at - self.started
+        if isolated:
+            out["measurer_busy_s"] = measurer.busy_s  # the measuring process at work: the GPU's share
         return out
 
     # --- closing ------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop what this session started (the measuring process, the compile pool)."""
+        """Stop what this session started (the measuring process, the compile pool); the result's ``close_s`` says
+        how long that took."""
+        t0 = time.perf_counter()
         for thing in reversed(self._owned):
             thing.close()
         self._owned.clear()
+        if self._result_made is not None and self._result_made.timings:
+            self._result_made.timings["close_s"] = time.perf_counter() - t0
 
     def __enter__(self) -> "TuneSession":
         return self
