@@ -43,6 +43,8 @@ def main() -> int:
                    help="tune()'s kernel: builtin, or sglang-kernel=DIR / vllm-kernel=DIR (benchmarks/carry_engines.py)")
     p.add_argument("--batch-sizes", default=None, help="M,M,...: tune()'s batch_sizes (default: its 18)")
     p.add_argument("--compile-workers", type=int, default=None, help="tune()'s compile_workers (default: its own)")
+    p.add_argument("--profile-measuring", default=None, metavar="PATH",
+                   help="write a cProfile of the measuring process's measurements to PATH (measuring_profile.py)")
     args = p.parse_args()
     from python_env import bytecode_state  # benchmarks/, beside this script
 
@@ -51,6 +53,7 @@ def main() -> int:
         name, folder = args.kernel.split("=", 1)
         args.kernel = f"{name}={Path(folder).resolve()}"
     batch_sizes = [int(m) for m in args.batch_sizes.split(",")] if args.batch_sizes else None
+    STARTED_IN = os.getcwd()  # noqa: N806 (paths given on the command line are relative to it)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe_opt_e2e_"))
     cache = work / "triton_cache"
     if cache.exists() and any(cache.iterdir()):
@@ -73,12 +76,20 @@ def main() -> int:
     from moe_opt.store.storage import open_storage
     imports["moe_opt_s"] = time.time() - t0
 
+    if args.profile_measuring:
+        import moe_opt.measure.cuda_graph
+        from measuring_profile import ENV, ProfiledTimer  # benchmarks/, beside this script
+
+        os.environ[ENV] = str(Path(STARTED_IN, args.profile_measuring).resolve())
+        moe_opt.measure.cuda_graph.CudaGraphTimer = ProfiledTimer  # what the measuring process will build
     down_config = {"auto": None, "on": True, "off": False}[args.down_config]
+    called = time.time()
     result = moe_opt.tune(model=args.model, tp_size=args.tp, dtype=args.dtype, down_config=down_config,
                           routing=args.routing, n_trials=args.n_trials, tma=None if args.tma == "auto" else False,
                           storage=args.storage, kernel=args.kernel, batch_sizes=batch_sizes,
                           compile_workers=args.compile_workers)
     wall_s = time.time() - STARTED
+    tune_call_s = time.time() - called  # tune() as called: its imports and checks before its timer starts too
 
     import optuna
 
@@ -99,7 +110,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)), "triton": triton.__version__, "torch": torch.__version__,
         "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"),
-        "wall_s": round(wall_s, 1), "tune_wall_s": round(result.wall_s, 1),
+        "wall_s": round(wall_s, 1), "tune_wall_s": round(result.wall_s, 1), "tune_call_s": round(tune_call_s, 2),
         "imports": {k: round(v, 2) for k, v in imports.items()},
         "timings": {k: round(v, 2) for k, v in result.timings.items()},
         "geomean_speedup": result.geomean_speedup(), "guard": result.guard, "notes": result.notes,
@@ -109,6 +120,12 @@ def main() -> int:
         "kernel": args.kernel, "batch_sizes": args.batch_sizes, "python_bytecode": bytecode,
         "copy_gbps": round(copy_bandwidth_gbps(), 1),  # measured after the tune, outside its wall time
     }
+    if args.profile_measuring:  # written as the measuring process leaves, which close() does not wait for
+        profile = Path(os.environ["MOE_OPT_PROFILE_MEASURING"])
+        deadline = time.time() + 60
+        while not profile.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        record["profile_measuring"] = str(profile) if profile.exists() else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wall {wall_s:.1f} s from the script's start (imports included); wrote {args.json}", flush=True)
