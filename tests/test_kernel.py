@@ -155,6 +155,24 @@ def test_expert_parallel_minus_one_ids_contribute_zero(dtype_path, device):
     assert out[0].eq(0).all()
 
 
+@pytest.mark.parametrize("launch", ["sglang", "vllm"])
+def test_weights_of_some_experts_aligned_as_all_of_them_compute_the_same_function(launch, device):
+    """global_num_experts (a compile worker's few-expert weights, expert parallelism): the alignment counts the whole
+    shape's experts and vLLM's tiny-batch rule compares with them (at M=3, topk 2: 24 <= 256, the naive path, where
+    16 experts alone take the alignment), and the result is the same function of the experts the weights hold."""
+    inputs, kwargs = make_case("fp8_block", 3, 2, None, device)
+    ref = fused_moe_reference(*inputs, **kwargs)
+    x = inputs[0]
+    for count in (None, 256):
+        out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype, device=x.device)
+        fused_moe(*inputs, CFG_SMALL, out=out, launch=launch, global_num_experts=count, **kwargs)
+        got = out.double().cpu()
+        assert not got.isnan().any()
+        assert ((got - ref).norm() / ref.norm()).item() < TOLERANCE["fp8_block"]
+    with pytest.raises(ConfigError, match="global_num_experts must be an integer >= w1's 16 experts, got 8"):
+        fused_moe(*inputs, CFG_SMALL, global_num_experts=8, **kwargs)
+
+
 def test_align_groups_every_slot_once_in_padded_expert_blocks(device):
     ids = torch.tensor([[3, 0], [3, 1], [0, -1], [3, 3]], dtype=torch.int32, device=device)
     block_m = 16

@@ -273,6 +273,22 @@ def test_a_kernel_that_specializes_on_the_batch_size_is_compiled_once_per_batch_
         assert sorted(calls) == compiled
 
 
+def test_a_compile_launches_few_experts_aligned_as_the_whole_shape_at_one_batch_size_per_launch_path():
+    """A compile worker's weights are the topk experts' only (the GEMM's binary depends on N and K), but its
+    alignment counts the whole shape's E (its kernels specialize on E: aligned as few experts, the measuring
+    process compiled 7 kernels again on the H200, benchmarks/measurer_compiles.py), and for vLLM's launch rules it
+    launches on both sides of the tiny-batch rule."""
+    from moe_opt.kernel.backend import BuiltinBackend
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    inputs = BuiltinBackend().compile_inputs(spec, "cpu")
+    assert inputs.w1.shape[0] == spec.topk == 6 and inputs.kwargs["global_num_experts"] == spec.E == 256
+    assert BuiltinBackend().compile_batch_sizes(spec) == (4,)
+    assert BuiltinBackend("vllm").compile_batch_sizes(spec) == (4, 4096)  # 4 * 6 * 4 <= 256: 4 is tiny
+    few = spec.replace(num_experts=8, topk=2)
+    assert BuiltinBackend("vllm").compile_batch_sizes(few) == (4, 1)  # 4 * 2 * 4 > 8, 1 * 2 * 4 <= 8
+
+
 def test_closing_the_compile_pool_cancels_what_has_not_started_and_does_not_wait_for_the_rest():
     """A tune's end does not wait for its compile workers: a compile still running finishes on its own, one not
     started never starts (on the GPU each worker's exit is also its CUDA context's teardown)."""

@@ -18,6 +18,8 @@ from .. import space
 from ..model.spec import ModelSpec
 from ..space import Config, ConfigPair
 
+COMPILE_M = 4  # the batch size a compile worker launches a config at, where one binary serves every batch size
+
 # Activations the builtin kernel implements. GPT-OSS's "swigluoai" resolves but is refused for tuning.
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -64,6 +66,14 @@ class KernelBackend(Protocol):
 
     def default_config(self, spec: ModelSpec, M: int) -> Config:
         """The engine's config when no tuned file exists (the baseline of every speedup)."""
+
+    def compile_inputs(self, spec: ModelSpec, device: Any) -> Any:
+        """The inputs a compile worker launches a config with (measure/compile_pool.py): as small as launches the
+        same kernels, with the same specializations, as the whole shape's."""
+
+    def compile_batch_sizes(self, spec: ModelSpec) -> tuple[int, ...]:
+        """Where ``specializes_on_m`` is False: the batch sizes one compile launches at so that its binaries
+        serve every batch size (one, unless the launch rules change with the batch size)."""
 
     def make_inputs(self, spec: ModelSpec, device: Any, *, routing_sets: int = 10, seed: int = 0,
                     routing: Any = None) -> Any:
@@ -160,6 +170,32 @@ class BuiltinBackend:
         from .inputs import MoeInputs
 
         return MoeInputs(spec, device, routing_sets=routing_sets, seed=seed, routing=routing, launch=self.target)
+
+    def compile_inputs(self, spec: ModelSpec, device: Any) -> Any:
+        """Weights of ``topk`` experts only (the GEMM's strides, hence its binary, depend on N and K, and a whole
+        shape's weights in every worker would not fit on the GPU: DeepSeek-V3 bf16 at TP 1 is 22 GB), routed among
+        them, aligned as the whole shape's E experts (global_num_experts): the alignment's kernels specialize on
+        E, and vLLM's tiny-batch rule compares with it."""
+        from .inputs import MoeInputs
+
+        if self.specializes_on_m:  # compiled per batch size, at the whole shape
+            return self.make_inputs(spec, device, routing_sets=1, seed=0)
+        few = spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
+        return MoeInputs(few, device, routing_sets=1, seed=0, launch=self.target, global_num_experts=spec.E)
+
+    def compile_batch_sizes(self, spec: ModelSpec) -> tuple[int, ...]:
+        """A small batch; for vLLM's launch rules also one on the other side of its tiny-batch rule
+        (``M * topk * 4 <= E``, align.py), whose path launches other kernels."""
+        from .align import vllm_uses_naive_block_assignment
+
+        if self.target != "vllm":
+            return (COMPILE_M,)
+
+        def naive(M: int) -> bool:
+            return vllm_uses_naive_block_assignment(M, spec.topk, spec.E, spec.group_size is not None)
+
+        other = 4096 if naive(COMPILE_M) else 1
+        return (COMPILE_M, other) if naive(other) != naive(COMPILE_M) else (COMPILE_M,)
 
     def call(self, inputs: Any, config: Config | ConfigPair, M: int, routing_index: int = 0,
              after_up: Any = None) -> Any:

@@ -191,7 +191,8 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
               w2_zp: torch.Tensor | None = None, a1_scale: torch.Tensor | None = None,
               a2_scale: torch.Tensor | None = None, config_down: Config | Mapping[str, int] | None = None,
               out: torch.Tensor | None = None, up_only: bool = False, launch: str = "sglang",
-              invoke: Callable[..., None] | None = None, after_up: Callable[[], Any] | None = None) -> torch.Tensor:
+              invoke: Callable[..., None] | None = None, after_up: Callable[[], Any] | None = None,
+              global_num_experts: int | None = None) -> torch.Tensor:
     """Fused Mixture-of-Experts layer: ``sum_k w_k * (act(x @ w1[e_k].T) @ w2[e_k].T)`` for each token.
 
     Args:
@@ -234,6 +235,10 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
         invoke: the GEMM launch, with gemm.invoke_fused_moe_kernel's signature (the default); an engine's own
             kernel launched through it (kernel/engine_kernels.py) runs inside this pipeline. Not for
             group-quantized weights.
+        global_num_experts: the experts ``topk_ids`` may name (SGLang's and vLLM's name; default: w1's E), where
+            the weights hold only some of them (expert parallelism; a compile worker's few experts,
+            measure/compile_pool.py): the alignment counts this many and vLLM's tiny-batch rule compares with it,
+            so the kernels launched are those of the whole shape. topk_ids must name experts below w1's E.
 
     Returns:
         (M, K) tensor in x's dtype (with ``up_only``: GEMM2's (M*topk, N) input).
@@ -266,6 +271,10 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     quant, qdtype = scheme.quant, scheme.act_dtype
     M, K = x.shape
     E, two_n, _ = w1.shape
+    if global_num_experts is not None:
+        if isinstance(global_num_experts, bool) or not isinstance(global_num_experts, int) or global_num_experts < E:
+            raise ConfigError(f"global_num_experts must be an integer >= w1's {E} experts, got {global_num_experts!r}")
+        E = global_num_experts  # what the alignment and the launch rules count; the weights' own E is w1.shape[0]
     topk = topk_ids.shape[1]
     dtype = x.dtype
     block_m = config.BLOCK_SIZE_M

@@ -31,7 +31,9 @@ class MoeInputs:
     """
 
     def __init__(self, spec: ModelSpec, device, *, routing_sets: int = 10, seed: int = 0,
-                 routing: RoutingSpec | None = None, launch: str = "sglang"):
+                 routing: RoutingSpec | None = None, launch: str = "sglang", global_num_experts: int | None = None):
+        """``global_num_experts``: the whole shape's experts, where ``spec`` has fewer (a compile worker's inputs:
+        fused_moe's global_num_experts, so its alignment and launch rules are the whole shape's)."""
         self.spec = spec
         self.launch = launch  # whose launch rules each call follows (fused_moe's launch): the target engine
         self.routing = routing if routing is not None else RoutingSpec()
@@ -43,6 +45,8 @@ class MoeInputs:
         E, N, K = spec.E, spec.N, spec.K
         dtype = spec.activation_dtype
         self.kwargs: dict = {"swiglu_limit": spec.swiglu_limit}
+        if global_num_experts is not None:
+            self.kwargs["global_num_experts"] = global_num_experts
         if spec.dtype == "fp8_w8a8" and not spec.per_channel_quant:  # as every fp8 table was recorded
             w1 = torch.randn(E, 2 * N, K, generator=gen, device=self.device, dtype=torch.bfloat16)
             self.w1, s1 = quantize_weight_fp8(w1, spec.block_shape)

@@ -3,8 +3,11 @@
 Compiling one config (both GEMMs) takes about a second of CPU time, benchmarking it about 20 ms, so compile
 cost dominates a tune. Each worker launches the fused MoE once per config; Triton writes the binaries to its
 on-disk cache, where the measuring process finds them. The builtin GEMM kernel does not specialize on
-batch-size-dependent arguments (kernel/gemm.py), so one launch on a small batch of a shape with few experts
-compiles the binary of every batch size. An engine's own kernel does specialize on them (Triton specializes ints
+batch-size-dependent arguments (kernel/gemm.py), so one launch on a small batch (two for vLLM's launch rules,
+one on each side of its tiny-batch rule) compiles the binary of every batch size; the launch has the weights of a
+few experts only, aligned as the whole shape's experts (KernelBackend.compile_inputs: the alignment's kernels
+specialize on E; aligned as few experts, the measuring process compiled them again, 7 kernels for the 5
+BLOCK_SIZE_M of DeepSeek-V4-Flash TP8 on the H200, benchmarks/measurer_compiles.py). An engine's own kernel does specialize on them (Triton specializes ints
 on divisibility by 16 and on 1: EM, num_valid_tokens; vLLM's tiny-batch path takes other arguments), so for such
 a backend (``specializes_on_m``) a job is a (config, batch size) and the worker launches the whole shape at that
 batch size, so the measuring process finds exactly the binary it launches.
@@ -27,8 +30,8 @@ from ..space import Config
 from ..store.schema import is_compile_failure
 from .base import describe_failure
 
-_worker = None  # (backend, inputs) of this compile worker
-SMALL_M = 4  # the batch size a backend that does not specialize on it compiles at
+_worker = None  # (backend, inputs, batch sizes each compile launches at) of this compile worker
+SMALL_M = 4  # the batch size in the key of a compile that serves every batch size
 
 
 def _init_worker(spec_dict: dict, device: str, backend_name: str) -> None:
@@ -39,12 +42,10 @@ def _init_worker(spec_dict: dict, device: str, backend_name: str) -> None:
 
     spec = ModelSpec.from_dict(spec_dict)
     backend = get_backend(backend_name)
-    if not backend.specializes_on_m:
-        # Few experts are enough: strides (hence the binary) depend on N and K only.
-        spec = spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
-    _worker = backend, backend.make_inputs(spec, device, routing_sets=1, seed=0)
+    sizes = None if backend.specializes_on_m else backend.compile_batch_sizes(spec)
+    _worker = backend, backend.compile_inputs(spec, device), sizes
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the weights' quantization temporaries: the other workers need the memory
 
@@ -56,9 +57,10 @@ def _started() -> None:
 def _compile_one(config: Config, M: int) -> str | None:
     import torch
 
-    backend, inputs = _worker
+    backend, inputs, sizes = _worker
     try:
-        backend.call(inputs, config, M)
+        for m in sizes or (M,):
+            backend.call(inputs, config, m)
         torch.cuda.synchronize()
         return None
     except Exception as exc:
