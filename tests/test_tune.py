@@ -289,6 +289,26 @@ def test_a_compile_launches_few_experts_aligned_as_the_whole_shape_at_one_batch_
     assert BuiltinBackend("vllm").compile_batch_sizes(few) == (4, 1)  # 4 * 2 * 4 > 8, 1 * 2 * 4 <= 8
 
 
+def test_the_compile_pool_compiles_a_config_per_gemm_and_screens_both():
+    """Re-measuring times each batch size's best pair; its compile is a job of its own (with USE_TMA in the down
+    config GEMM1 writes its output sorted: a binary neither config compiles alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_opt.measure.compile_pool import CompilePool
+    from moe_opt.space import ConfigPair
+
+    spec = moe_opt.ModelSpec.from_dict(ReplayTable(repo_path(DSV4_TABLE)).metadata()["spec"])
+    launched: list = []
+    up, down = Config(16, 64, 128, 1, 4, 3), Config(16, 128, 128, 16, 4, 2, USE_TMA=True)
+    small, too_big = Config(128, 64, 128, 1, 4, 3), Config(128, 256, 128, 1, 8, 5)  # over the H200's shared memory
+    with ThreadPoolExecutor(2) as threads:
+        pool = CompilePool(spec, workers=2, shared_memory_bytes=232_448, executor=threads,
+                           compile_fn=lambda c, M: launched.append(c))
+        assert pool.result(ConfigPair(up, down), 1) is None
+        assert pool.result(ConfigPair(small, too_big), 1).startswith("Rejected: shared-memory estimate")
+    assert launched == [ConfigPair(up, down)]
+
+
 def test_closing_the_compile_pool_cancels_what_has_not_started_and_does_not_wait_for_the_rest():
     """A tune's end does not wait for its compile workers: a compile still running finishes on its own, one not
     started never starts (on the GPU each worker's exit is also its CUDA context's teardown)."""

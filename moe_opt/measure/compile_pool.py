@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from typing import Callable, Iterable
 
 from ..model.spec import ModelSpec
-from ..space import Config
+from ..space import Config, ConfigPair
 from ..store.schema import is_compile_failure
 from .base import describe_failure
 
@@ -54,7 +54,7 @@ def _started() -> None:
     """A task that does nothing: sent once per worker, it makes the pool start (import torch, CUDA context)."""
 
 
-def _compile_one(config: Config, M: int) -> str | None:
+def _compile_one(config: Config | ConfigPair, M: int) -> str | None:
     import torch
 
     backend, inputs, sizes = _worker
@@ -75,12 +75,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 2
 
 
-Job = tuple[Config, int]  # a config and the batch size it runs at
+Job = tuple[Config | ConfigPair, int]  # a config (or a config per GEMM) and the batch size it runs at
 
 
 class CompilePool:
-    """A pool of compile workers for one spec. A job is a (config, batch size); ``compile(configs, M)`` returns
-    {config: failure or None}.
+    """A pool of compile workers for one spec. A job is a (config, batch size), the config a Config or a ConfigPair
+    (a config per GEMM); ``compile(configs, M)`` returns {config: failure or None}.
 
     Results are remembered, so asking again costs nothing. For a backend that does not specialize on the batch
     size, one compile serves every batch size: jobs of one config at different batch sizes are one compile.
@@ -143,7 +143,9 @@ class CompilePool:
                 continue
             if speculative and len(self._inflight) >= self.workers:
                 return
-            reason = self.backend.screen(self.spec, config, self.shared_memory_bytes)
+            parts = (config.up, config.down) if isinstance(config, ConfigPair) else (config,)
+            reason = next(filter(None, (self.backend.screen(self.spec, c, self.shared_memory_bytes) for c in parts)),
+                          None)
             if reason is not None:
                 self.results[key] = reason
                 continue

@@ -51,7 +51,8 @@ def contenders(study: optuna.Study, confirmed: dict[Config, float], default: Con
 
 def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int, Config], *,
             rounds: int = CONFIRM_ROUNDS, top: int = CONFIRM_TOP, within: float = CONFIRM_WITHIN,
-            max_passes: int = 3, whole_call: bool = False) -> dict[int, dict[Config, float]]:
+            max_passes: int = 3, whole_call: bool = False,
+            compile_pool: Any = None) -> dict[int, dict[Config, float]]:
     """Measure each batch size's contenders ``rounds`` more times; store and return {M: {config: median us}}.
 
     When a contender's fresh median falls behind configs it had beaten, those are measured again in a next
@@ -66,6 +67,11 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     its median beside the best single config's (``"confirmed_pair"``), and the pair is exported for SGLang only
     where it was the faster (store/results.py, StudyResult.engine_pair).
 
+    ``compile_pool``: where the pairs are compiled first (measure/compile_pool.py), while the single configs are
+    timed: a pair whose GEMM2 loads its input by TMA has GEMM1 write its output sorted, a binary of GEMM1 that
+    neither config of the pair compiled alone (the measuring process compiled 14 of them itself, DeepSeek-V4-Flash
+    TP8 on the H200).
+
     Example:
         >>> confirm(studies, measurer, defaults)  # after the search; tune() does this  # doctest: +SKIP
         {64: {Config(16, 64, 128, 32, 4, 3): 251.0, Config(64, 128, 128, 32, 4, 3): 291.8}, ...}
@@ -75,6 +81,9 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     numbers: dict[int, dict[Config, list[int]]] = {M: {} for M in studies}
     pairs = _pairs(studies) if whole_call else {}  # {M: the best pair}, in the first pass only
     pair_runs: dict[int, list[float]] = {M: [] for M in pairs}
+    pair_jobs = [(ConfigPair(p.up, p.down), M) for M, p in pairs.items()]
+    if compile_pool is not None:
+        compile_pool.ensure(pair_jobs)
     for _ in range(max_passes):
         plan = {M: contenders(study, confirmed[M], defaults.get(M), top, within) for M, study in studies.items()}
         # All measured before (compiled): each contender as a whole call, then the pairs of this pass.
@@ -85,6 +94,8 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
         fresh: dict[tuple[int, Config], list[float]] = {}
         for _ in range(rounds):  # interleaved: drift hits every contender alike
             for M, c in order:
+                if compile_pool is not None and isinstance(c, ConfigPair):
+                    compile_pool.result(c, M)  # the singles before it are being timed meanwhile
                 queue.submit(ConfigPair(c, c) if whole_call and isinstance(c, Config) else c, M)
             for M, c in order:
                 m = queue.collect()

@@ -465,7 +465,8 @@ class TuneSession:
         pair is timed on the whole call in the same rounds, against the best single config."""
         from .confirm import confirm
 
-        for M, medians in confirm(self.studies, self.measurer, self.space.defaults, whole_call=self.pair).items():
+        for M, medians in confirm(self.studies, self.measurer, self.space.defaults, whole_call=self.pair,
+                                  compile_pool=self.pool).items():
             if self.space.defaults[M] in medians:
                 self.studies[M].set_user_attr("default_latency_us", medians[self.space.defaults[M]])
 
