@@ -45,11 +45,11 @@ def main() -> int:
     import torch
 
     from moe_opt import space
-    from moe_opt.space import ConfigPair
     from moe_opt.kernel.backend import get_backend
     from moe_opt.measure.compile_pool import CompilePool
     from moe_opt.measure.cuda_graph import cuda_graph_info
     from moe_opt.model.resolve import resolve_model
+    from moe_opt.space import ConfigPair
 
     spec = resolve_model(args.model, tp_size=args.tp)
     backend = get_backend("builtin")
