@@ -30,8 +30,8 @@ GOAL_3_S = 240.0  # issue 16: DeepSeek-V4-Flash at TP 1, 2, 4, 8 in one command 
 # An end-to-end run of DeepSeek-V4-Flash TP8 with tune()'s defaults of its day (a pair tune, USE_TMA offered), and
 # every run of the same search and timer with torch's bytecode cached (goal 2 counts every one of them); the runs
 # with the lent machine's Python as it came (torch compiled from source in every process) are shown beside them.
-DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v10e.json"
-GOAL_2_RUNS = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v1[01]*.json"
+DEFAULT_E2E = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v14b.json"
+GOAL_2_RUNS = "pair/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v14[a-z].json"
 AS_LENT_RUNS = "pair/as_lent/e2e_DeepSeek-V4-Flash_tp8_H200_pair_tma_32trials_v*.json"
 # The search's rules were chosen while replaying every table but these, recorded after them.
 UNSEEN_TABLES = ("Qwen3-Next-80B-A3B-Instruct_tp4_H200.csv",)
@@ -608,7 +608,14 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              f"of which it waited {t['measuring_s']:.1f} s for the GPU and {t['compile_wait_s']:.1f} s for compiles "
              f"and spent {host:.1f} s on its own work; re-measuring the close contenders {t['confirm_s']:.1f} s (with "
              f"each batch size's best pair in the same rounds); the correctness guard {t['guard_s']:.1f} s; export "
-             f"{t['collect_export_s']:.1f} s; the rest is Python's imports before the tune starts."), "",
+             f"{t['collect_export_s']:.1f} s; the rest is Python's imports before the tune starts"
+             + (f" ({sum(run['imports'].values()):.1f} s in the script, {run['tune_call_s'] - run['tune_wall_s']:.1f} s "
+                "in tune() before its own clock starts: its first imports of moe_opt's modules and optuna)"
+                if "tune_call_s" in run else "")
+             + (f". From the tune's start the measuring process was ready at {t['measurer_ready_s']:.1f} s (by its "
+                f"own clock), got its first config at {t['first_submit_s']:.1f} s (when that one's compile had "
+                f"finished) and was busy measuring {t['measurer_busy_s']:.1f} s in all; closing took "
+                f"{t['close_s']:.1f} s" if "measurer_busy_s" in t else "") + "."), "",
             ("Where the loop's own work went, from a cProfile of a single-config tune (`--down-config off`) of the "
              "same model at 16 trials per batch size, two sessions ago "
              "(`benchmarks/results/profile/e2e_DeepSeek-V4-Flash_tp8_H200_16trials_cprofile.txt`, H200, 288 trials; "
@@ -701,12 +708,41 @@ def where_time_goes(e2e: dict[str, dict]) -> list[str]:
              "went about 2.5 -> 1.2 s and re-measuring 8.0–9.7 -> 8.9–10.8 s (runs on different machines; 14 processes "
              "tearing down their CUDA "
              "contexts while the contenders were timed), no gain and a disturbance of the latencies reported."), "",
-            ("What goal 2 needs next (five of eight bytecode-cached runs within 45 s): start the measuring process "
-             "before the tuning process imports torch, so that its 2–4 s of imports overlap the tuning process's "
-             "own (moe_opt.kernel would have to import without torch: it chooses Triton's interpreter at import); "
-             "its CUDA start-up beside the 14 starting compile workers (5.2 s against 2.4–2.7 s alone); the "
-             "re-measuring (8.0–10.8 s); the compile waits (4.5–7.5 s)."),
-            ""]
+            SESSION_9, "", NEXT_FOR_GOAL_2, ""]
+
+
+SESSION_9 = (
+    "2026-12-02, later: what the measuring process does with its time. New timings (TuneResult.timings): "
+    "`measurer_ready_s` now by the measuring process's own clock (it had been when the tuning process first asked), "
+    "`first_submit_s` (the first config handed to it: when that config's compile had finished), `measurer_busy_s` "
+    "(its time in measurements) and `close_s`. At a3f025d (`pair/..._v12[a-d].json`, one machine) it was ready "
+    "5.2–6.0 s after the tune's start, got its first config at 7.3–8.8 s and was busy 24.3–28.6 s of tunes of "
+    "38.4–44.8 s: after its start it was the bottleneck. Closing no longer waits for the 14 compile workers and the "
+    "measuring process to exit (their CUDA contexts' teardown; a compile not started is cancelled): `close_s` 0.0, "
+    "where the script's wall clock had run about 2.6 s past the tune's own (`..._v10e.json`); what remains between "
+    "them is the script's imports and tune()'s own first imports (`tune_call_s`). A cProfile of the measuring "
+    "process through a whole tune (`e2e_tune.py --profile-measuring`, `benchmarks/measuring_profile.py`; "
+    "`profile/measuring_process_DeepSeek-V4-Flash_tp8_H200_37edb8d.txt`): of 28.6 s profiled, 9.0 s waiting for the "
+    "GPU (Event.synchronize), and 19 Triton compiles of its own (ptxas 1.6 s, code generation and LLVM about 2.6 s, "
+    "on the path every measurement waits on). `benchmarks/measurer_compiles.py` named them "
+    "(`profile/measurer_compiles_DeepSeek-V4-Flash_tp8_H200_fb125b3.json`): after the compile pool had compiled 13 "
+    "configs, a process with the whole shape's inputs compiled `_count_kernel`, five `_offsets_kernel` (one per "
+    "BLOCK_SIZE_M), `_scatter_kernel` and one `fused_moe_kernel`. The alignment's kernels specialize on the number "
+    "of experts, and a compile worker, which holds the weights of topk experts only, had aligned as 6 experts where "
+    "the tune aligns 256. The workers now align as the whole shape (fused_moe's `global_num_experts`, SGLang's and "
+    "vLLM's name for it; KernelBackend.compile_inputs; 40d482a): the same benchmark then found one compile "
+    "(`..._40d482a.json`), the pair, and the tune's profile 14 (`measuring_process_..._40d482a.txt`): re-measuring's "
+    "best pairs, whose down config loads by TMA, so GEMM1 writes its output sorted, a binary neither config "
+    "compiles alone. Those are now compiled in the pool while the single configs are re-measured (8cfb098). "
+    "At 40d482a (`..._v14[a-c].json`, one machine): 40.4, 37.2, 38.8 s; the measuring process busy 21.2–23.2 s, its "
+    "first config at 7.6–8.3 s, re-measuring 7.9–8.9 s; under the profile 41.1 s (`..._v14_profiled.json`).")
+
+NEXT_FOR_GOAL_2 = (
+    "What is left on the critical path: the first compiles (the first config reaches the measuring process 7–8 s "
+    "after the tune's start, while it is ready at about 5.5 s: 14 workers importing torch and making CUDA contexts "
+    "at once, then each compiling the shared kernels before its config); the measuring process's own work between "
+    "GPU waits (about 60% of its busy time under the profile: capturing graphs, Triton's launch overhead, loading "
+    "binaries); and, for the lent machine's Python, torch compiled from source in every process.")
 
 
 if __name__ == "__main__":
