@@ -9,7 +9,8 @@ few experts only, aligned as the whole shape's experts (KernelBackend.compile_in
 specialize on E; aligned as few experts, the measuring process compiled them again, 7 kernels for the 5
 BLOCK_SIZE_M of DeepSeek-V4-Flash TP8 on the H200, benchmarks/measurer_compiles.py). An engine's own kernel does
 specialize on them (Triton specializes ints on divisibility by 16 and on 1: EM, num_valid_tokens; vLLM's
-tiny-batch path takes other arguments), so for such a backend (``specializes_on_m``) a job is a (config, batch size) and the worker launches the whole shape at that
+tiny-batch path takes other arguments), so for such a backend (``specializes_on_m``) a job is a (config, batch
+size) and the worker launches the whole shape at that
 batch size, so the measuring process finds exactly the binary it launches.
 
 A config that fails to compile (OutOfResources: shared memory, a compiler error) is reported as a failure
