@@ -20,6 +20,12 @@ from ..space import Config, ConfigPair
 
 COMPILE_M = 4  # the batch size a compile worker launches a config at, where one binary serves every batch size
 
+
+def few_experts(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with its topk experts only, no shared ones: a compile worker's weights (compile_inputs)."""
+    return spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
+
+
 # Activations the builtin kernel implements. GPT-OSS's "swigluoai" resolves but is refused for tuning.
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -180,8 +186,8 @@ class BuiltinBackend:
 
         if self.specializes_on_m:  # compiled per batch size, at the whole shape
             return self.make_inputs(spec, device, routing_sets=1, seed=0)
-        few = spec.replace(num_experts=spec.topk, num_fused_shared_experts=0)
-        return MoeInputs(few, device, routing_sets=1, seed=0, launch=self.target, global_num_experts=spec.E)
+        return MoeInputs(few_experts(spec), device, routing_sets=1, seed=0, launch=self.target,
+                         global_num_experts=spec.E)
 
     def compile_batch_sizes(self, spec: ModelSpec) -> tuple[int, ...]:
         """A small batch; for vLLM's launch rules also one on the other side of its tiny-batch rule

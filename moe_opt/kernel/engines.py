@@ -19,7 +19,7 @@ from typing import Any
 
 from ..model.spec import ModelSpec
 from ..space import Config, ConfigPair
-from .backend import COMPILE_M, BuiltinBackend
+from .backend import COMPILE_M, BuiltinBackend, few_experts
 
 # Releases whose entry points this module was written against.
 SGLANG_KNOWN_VERSIONS = ("0.5.23",)
@@ -88,8 +88,7 @@ class EngineBackend(BuiltinBackend):
     def compile_inputs(self, spec: ModelSpec, device: Any) -> Any:
         """Weights of ``topk`` experts, routed among them; the engine's own alignment counts w1's experts (its
         fused_experts is given no global count)."""
-        return self.make_inputs(spec.replace(num_experts=spec.topk, num_fused_shared_experts=0), device,
-                                routing_sets=1, seed=0)
+        return self.make_inputs(few_experts(spec), device, routing_sets=1, seed=0)
 
     def compile_batch_sizes(self, spec: ModelSpec) -> tuple[int, ...]:
         return (COMPILE_M,)

@@ -287,17 +287,16 @@ class IsolatedMeasurer:
         daemonic: multiprocessing reaps it, and ends it at the interpreter's exit if it is still there)."""
         self._sent.clear()
         proc, conn = self._proc, self._conn
-        if proc is not None and proc.is_alive():
-            try:
-                conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                self._kill()
-                return
-            self._proc, self._ready = None, False
-            conn.close()
-            self._conn = None
+        if proc is None or not proc.is_alive():
+            self._kill()
             return
-        self._kill()
+        try:
+            conn.send(("stop",))
+        except (BrokenPipeError, OSError):
+            self._kill()
+            return
+        self._proc, self._conn, self._ready = None, None, False
+        conn.close()
 
     def __enter__(self) -> "IsolatedMeasurer":
         return self

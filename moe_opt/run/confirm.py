@@ -81,9 +81,8 @@ def confirm(studies: dict[int, optuna.Study], measurer: Any, defaults: dict[int,
     numbers: dict[int, dict[Config, list[int]]] = {M: {} for M in studies}
     pairs = _pairs(studies) if whole_call else {}  # {M: the best pair}, in the first pass only
     pair_runs: dict[int, list[float]] = {M: [] for M in pairs}
-    pair_jobs = [(ConfigPair(p.up, p.down), M) for M, p in pairs.items()]
     if compile_pool is not None:
-        compile_pool.ensure(pair_jobs)
+        compile_pool.ensure((ConfigPair(p.up, p.down), M) for M, p in pairs.items())
     for _ in range(max_passes):
         plan = {M: contenders(study, confirmed[M], defaults.get(M), top, within) for M, study in studies.items()}
         # All measured before (compiled): each contender as a whole call, then the pairs of this pass.
