@@ -53,7 +53,14 @@ def make_case(dtype_path: str, M: int, topk: int, swiglu_limit: float | None, de
     topk_weights, topk_ids = logits.softmax(-1).topk(topk)
     topk_ids = topk_ids.to(torch.int32)
     if ep_drop:
-        topk_ids[torch.rand(M, topk, generator=gen) < 0.3] = -1
+        # About 30% of slots go to another rank, but never all of them: a case whose every slot is dropped has an
+        # all-zero reference, so its relative error is 0/0 (that case has its own test). Where there are two or
+        # more slots, at least one is dropped, so the case tests what it names.
+        dropped = torch.rand(M, topk, generator=gen) < 0.3
+        dropped.view(-1)[-1] = False
+        if M * topk > 1:
+            dropped.view(-1)[0] = True
+        topk_ids[dropped] = -1
     kwargs: dict = {"swiglu_limit": swiglu_limit}
     if dtype_path in ("fp16", "bf16"):
         dtype = torch.float16 if dtype_path == "fp16" else torch.bfloat16
@@ -153,6 +160,16 @@ def test_expert_parallel_minus_one_ids_contribute_zero(dtype_path, device):
     out = torch.full((x.shape[0], K), float("nan"), dtype=x.dtype, device=x.device)
     fused_moe(x, w1, w2, tw, ids, CFG_SMALL, out=out, **kwargs)
     assert out[0].eq(0).all()
+
+
+def test_expert_parallel_cases_drop_some_slots_and_keep_some():
+    """Every ep_drop case, however small, has a slot on this rank (else its reference is all zero and the relative
+    error 0/0) and, where it has two slots or more, one on another rank. CI once drew all four slots of M = 1,
+    topk 4 as dropped (probability 0.3 ** 4) and failed with an error of NaN."""
+    for seed, (M, topk) in itertools.product(range(200), [(1, 1), (1, 2), (1, 4), (2, 8), (17, 6)]):
+        ids = make_case("fp16", M, topk, None, "cpu", ep_drop=True, seed=seed)[0][4]
+        assert (ids >= 0).any(), (seed, M, topk)
+        assert (ids == -1).any() or M * topk == 1, (seed, M, topk)
 
 
 @pytest.mark.parametrize("launch", ["sglang", "vllm"])
