@@ -1,7 +1,7 @@
 """The fused-MoE kernel computes the same function as a float64 reference, on every dtype path.
 
 Runs on the GPU where one is present, else through Triton's interpreter (conftest.py). Inputs are fresh random
-draws for every case; outputs are poisoned with NaN before each run, so an unwritten element fails.
+draws for every case (a failing case's output names its seed); outputs are poisoned with NaN before each run, so an unwritten element fails.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def make_case(dtype_path: str, M: int, topk: int, swiglu_limit: float | None, de
               active_experts: int = 12, ep_drop: bool = False, seed: int | None = None, num_experts: int = E):
     """Random inputs for one case of ``num_experts`` experts; experts >= active_experts receive no tokens."""
     E = num_experts
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    seed = seed if seed is not None else torch.seed() % 2**31
+    print(f"make_case({dtype_path!r}, M={M}, topk={topk}, ..., seed={seed})")  # pytest shows it when a case fails
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen)
     w1 = torch.randn(E, 2 * N, K, generator=gen) / K ** 0.5
     w2 = torch.randn(E, K, N, generator=gen) / N ** 0.5
