@@ -1,7 +1,8 @@
 """The fused-MoE kernel computes the same function as a float64 reference, on every dtype path.
 
 Runs on the GPU where one is present, else through Triton's interpreter (conftest.py). Inputs are fresh random
-draws for every case (a failing case's output names its seed); outputs are poisoned with NaN before each run, so an unwritten element fails.
+draws for every case (a failing case's output names its seed); outputs are poisoned with NaN before each run, so
+an unwritten element fails.
 """
 
 from __future__ import annotations
